@@ -1,0 +1,84 @@
+"""One error hierarchy for both sides; each kind maps to one gRPC status code and exit code."""
+
+from __future__ import annotations
+
+from protocol.exit_codes import ExitCode
+
+
+class AtollError(Exception):
+    """Base class: ``str(error)`` is a message a person can act on."""
+
+    grpc_code_name = "INTERNAL"
+    exit_code = ExitCode.ERROR
+
+
+class InvalidArgument(AtollError):
+    """The request or input is malformed (names the field and what was expected)."""
+
+    grpc_code_name = "INVALID_ARGUMENT"
+    exit_code = ExitCode.BAD_INPUT
+
+
+class NotFound(AtollError):
+    grpc_code_name = "NOT_FOUND"
+    exit_code = ExitCode.NOT_FOUND
+
+
+class AlreadyExists(AtollError):
+    grpc_code_name = "ALREADY_EXISTS"
+    exit_code = ExitCode.ALREADY_EXISTS
+
+
+class Unauthenticated(AtollError):
+    """Missing, unknown, expired or reused credentials."""
+
+    grpc_code_name = "UNAUTHENTICATED"
+    exit_code = ExitCode.AUTH
+
+
+class PermissionDenied(AtollError):
+    """Authenticated, but not allowed to touch this object."""
+
+    grpc_code_name = "PERMISSION_DENIED"
+    exit_code = ExitCode.AUTH
+
+
+class FailedPrecondition(AtollError):
+    """The federation is not in a state where this can happen (yet)."""
+
+    grpc_code_name = "FAILED_PRECONDITION"
+    exit_code = ExitCode.PRECONDITION
+
+
+class VerificationFailed(AtollError):
+    """A digest, size or signature check failed."""
+
+    grpc_code_name = "DATA_LOSS"
+    exit_code = ExitCode.VERIFY_FAILED
+
+
+class Unavailable(AtollError):
+    """The peer cannot be reached (retried with backoff by callers that can wait)."""
+
+    grpc_code_name = "UNAVAILABLE"
+    exit_code = ExitCode.UNAVAILABLE
+
+
+_BY_CODE_NAME: dict[str, type[AtollError]] = {
+    cls.grpc_code_name: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        Unauthenticated,
+        PermissionDenied,
+        FailedPrecondition,
+        VerificationFailed,
+        Unavailable,
+    )
+}
+
+
+def error_for_code_name(code_name: str, message: str) -> AtollError:
+    """The domain error a gRPC status code stands for (client side)."""
+    return _BY_CODE_NAME.get(code_name, AtollError)(message)

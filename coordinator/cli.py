@@ -1,0 +1,142 @@
+"""`coordinator`: the federation operator's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from coordinator import enrolment, sites
+from coordinator.federation import init_federation, load_authority
+from coordinator.state import StateDir
+from protocol.cli_support import parse_duration, run_command, setup_logging
+
+
+def _state(args: argparse.Namespace) -> StateDir:
+    return StateDir(Path(args.state))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    state = init_federation(Path(args.state), args.federation)
+    print(f"initialised federation {args.federation!r} in {state.root}", file=sys.stderr)
+    print(f"CA certificate: {state.ca_cert}", file=sys.stderr)
+    return 0
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    state = _state(args)
+    store = state.open_store()
+    try:
+        token = enrolment.invite(
+            store, load_authority(state), args.site, parse_duration(args.ttl), role=args.role
+        )
+    finally:
+        store.close()
+    print(str(token))  # alone on stdout, so `TOKEN=$(coordinator invite ...)` works
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from coordinator.server import serve  # grpc server imports only where needed
+
+    serve(_state(args), args.listen, args.enrol_listen, heartbeat_seconds=args.heartbeat_seconds)
+    return 0
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = _state(args)
+    store = state.open_store()
+    try:
+        rows = sites.federation_status(store)
+        plan = store.get_plan()
+    finally:
+        store.close()
+    if args.json:
+        payload = {
+            "federation": state.federation(),
+            "plan": None if plan is None else {"digest": plan.digest, "experts": plan.num_experts},
+            "sites": [row.as_json() for row in rows],
+            "generated_at": time.time(),
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    title = f"federation {state.federation()}"
+    title += f" — plan {plan.digest[:12]}, {plan.num_experts} experts" if plan else " — no plan yet"
+    table = Table(title=title)
+    for column in ("site", "expert", "phase", "step", "loss", "last heartbeat", ""):
+        table.add_column(column)
+    for row in rows:
+        progress = f"{row.step}/{row.total_steps}" if row.total_steps else "-"
+        flag = "REVOKED" if row.revoked else ("SILENT" if row.silent else "")
+        table.add_row(
+            row.site,
+            "-" if row.expert is None else str(row.expert),
+            row.phase,
+            progress,
+            f"{row.loss:.4f}" if row.total_steps else "-",
+            _ago(row.seconds_since_heartbeat),
+            flag,
+        )
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coordinator", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("init", help="create a federation: CA, signing key, store")
+    p.add_argument("--state", required=True, help="state directory to create")
+    p.add_argument("--federation", required=True, help="federation name (a DNS label)")
+    p.set_defaults(fn=cmd_init)
+
+    p = commands.add_parser("invite", help="print a one-time enrolment token for a site")
+    p.add_argument("--state", required=True)
+    p.add_argument("site", help="the site's name (a DNS label)")
+    p.add_argument("--ttl", default="24h", help="how long the token stays valid (default 24h)")
+    p.add_argument("--role", default="site", choices=enrolment.ROLES)
+    p.set_defaults(fn=cmd_invite)
+
+    p = commands.add_parser("serve", help="serve the federation over gRPC + mutual TLS")
+    p.add_argument("--state", required=True)
+    p.add_argument(
+        "--listen", default="0.0.0.0:7443", help="HOST:PORT for mutual-TLS site calls"
+    )
+    p.add_argument(
+        "--enrol-listen", help="HOST:PORT for enrolment (server TLS only; default PORT+1)"
+    )
+    p.add_argument(
+        "--heartbeat-seconds",
+        type=int,
+        default=sites.HEARTBEAT_SECONDS,
+        help="interval sites are asked to heartbeat at",
+    )
+    p.set_defaults(fn=cmd_serve)
+
+    p = commands.add_parser("status", help="sites, experts, progress, silent sites")
+    p.add_argument("--state", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run_command(lambda: int(args.fn(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""The gRPC server: thin servicers over the plain functions of the coordinator package.
+
+Two TLS ports: PORT requires mutual TLS with a certificate issued by this federation's CA, and
+the caller is whoever that certificate names (its SPIFFE URI SAN), never a request field;
+PORT+1 (``--enrol-listen``) needs only server TLS, for Enroll with a one-time token.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+
+from coordinator import artifacts, assignment, enrolment, release, sites, upload
+from coordinator.ca import CertificateAuthority
+from coordinator.federation import load_authority
+from coordinator.state import StateDir
+from coordinator.store import SiteRecord, Store
+from protocol import federation_pb2 as pb
+from protocol import federation_pb2_grpc as pb_grpc
+from protocol import serde
+from protocol.errors import AtollError, PermissionDenied, Unauthenticated
+from protocol.identity import parse_site_spiffe_id
+from protocol.x509 import (
+    load_certificate,
+    load_private_key,
+    new_p256_key,
+    private_key_pem,
+    serial_hex,
+    signed_by,
+    uri_sans,
+    write_private,
+    write_public,
+)
+
+log = logging.getLogger("atoll.coordinator")
+T = TypeVar("T")
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+@dataclass
+class Coordinator:
+    """Everything a request handler needs, built once per server."""
+
+    state: StateDir
+    store: Store
+    ca: CertificateAuthority
+    writer: upload.UploadWriter
+    acceptance_checks: tuple[upload.AcceptanceCheck, ...] = ()
+    heartbeat_seconds: int = sites.HEARTBEAT_SECONDS
+
+    @classmethod
+    def open(cls, state: StateDir, heartbeat_seconds: int = sites.HEARTBEAT_SECONDS) -> Coordinator:
+        store = state.open_store()
+        store.set_meta("heartbeat_seconds", str(heartbeat_seconds))
+        writer = upload.UploadWriter(state, store)
+        return cls(state, store, load_authority(state), writer, (), heartbeat_seconds)
+
+    @property
+    def federation(self) -> str:
+        return self.ca.federation
+
+    def caller(self, context: grpc.ServicerContext) -> SiteRecord:
+        """The enrolled, current, unrevoked site whose certificate made this call."""
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            raise Unauthenticated(
+                f"this call needs mutual TLS with a site certificate of federation "
+                f"{self.federation!r}; enrol first with `site-agent join --token ...`"
+            )
+        cert = load_certificate(pems[0], "peer certificate")
+        if not signed_by(cert, self.ca.cert):
+            raise Unauthenticated("peer certificate was not issued by this federation's CA")
+        uris = uri_sans(cert)
+        if len(uris) != 1:
+            raise Unauthenticated(f"peer certificate must carry one SPIFFE URI SAN, has {uris}")
+        name = parse_site_spiffe_id(uris[0], self.federation)
+        site = self.store.get_site(name)
+        if site is None:
+            raise Unauthenticated(f"site {name!r} is not enrolled")
+        if site.cert_serial != serial_hex(cert):
+            raise Unauthenticated(
+                f"certificate {serial_hex(cert)} of site {name!r} was superseded by a later "
+                "enrolment; use the newest certificate"
+            )
+        if site.revoked_at is not None:
+            raise PermissionDenied(f"site {name!r} is revoked")
+        return site
+
+
+def _abort(context: grpc.ServicerContext, method: str, error: AtollError) -> None:
+    code = getattr(grpc.StatusCode, error.grpc_code_name, grpc.StatusCode.INTERNAL)
+    log.warning("[Federation.%s] %s: %s", method, code.name, error)
+    context.abort(code, str(error))
+
+
+def _handle(context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except AtollError as error:
+        _abort(context, method, error)
+        raise  # unreachable: abort raises
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        def run() -> pb.EnrollResponse:
+            result = enrolment.enroll(
+                self.c.store, self.c.ca, request.token, request.site_name, request.csr_pem
+            )
+            log.info("[Federation.Enroll] site %s enrolled as %s", request.site_name, result.spiffe_id)
+            return serde.enrolment_to_pb(result)
+
+        return _handle(context, "Enroll", run)
+
+    def GetAssignment(
+        self, request: pb.GetAssignmentRequest, context: grpc.ServicerContext
+    ) -> pb.GetAssignmentResponse:
+        def run() -> pb.GetAssignmentResponse:
+            site = self.c.caller(context)
+            reply = assignment.get_assignment(self.c.store, self.c.federation, site.name)
+            return serde.assignment_to_pb(reply)
+
+        return _handle(context, "GetAssignment", run)
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        def run() -> pb.HeartbeatResponse:
+            site = self.c.caller(context)
+            beat = serde.heartbeat_from_pb(request)
+            reply = sites.heartbeat(self.c.store, site, beat, self.c.heartbeat_seconds)
+            return serde.heartbeat_reply_to_pb(reply)
+
+        return _handle(context, "Heartbeat", run)
+
+    def DownloadArtifact(
+        self, request: pb.DownloadArtifactRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.DownloadArtifactResponse]:
+        def prepare() -> tuple[pb.ArtifactRef, Iterator[tuple[int, bytes]]]:
+            site = self.c.caller(context)
+            record = artifacts.authorize_site_download(self.c.store, site, request.name)
+            chunks = artifacts.read_chunks(self.c.state, record, request.offset)
+            return pb.ArtifactRef(name=record.name, size=record.size, sha256=record.sha256), chunks
+
+        ref, chunks = _handle(context, "DownloadArtifact", prepare)
+        yield pb.DownloadArtifactResponse(artifact=ref, offset=request.offset)
+        iterator = iter(chunks)
+        while True:
+            item = _handle(context, "DownloadArtifact", lambda: next(iterator, None))
+            if item is None:
+                return
+            yield pb.DownloadArtifactResponse(offset=item[0], data=item[1])
+
+    def BeginUpload(
+        self, request: pb.BeginUploadRequest, context: grpc.ServicerContext
+    ) -> pb.BeginUploadResponse:
+        def run() -> pb.BeginUploadResponse:
+            site = self.c.caller(context)
+            files = serde.upload_files_from_pb(list(request.files))
+            status = upload.begin(self.c.state, self.c.store, site, request.expert_index, files)
+            log.info(
+                "[Federation.BeginUpload] site %s expert %d upload %s (%d files)",
+                site.name,
+                request.expert_index,
+                status.upload_id,
+                len(files),
+            )
+            return serde.upload_status_to_pb(status)
+
+        return _handle(context, "BeginUpload", run)
+
+    def UploadChunk(
+        self, request_iterator: Iterator[pb.UploadChunkRequest], context: grpc.ServicerContext
+    ) -> pb.UploadChunkResponse:
+        def run() -> pb.UploadChunkResponse:
+            site = self.c.caller(context)
+            chunks = (serde.chunk_from_pb(message) for message in request_iterator)
+            received = self.c.writer.write(site, chunks)
+            return pb.UploadChunkResponse(received=serde.received_to_pb(received))
+
+        return _handle(context, "UploadChunk", run)
+
+    def CommitUpload(
+        self, request: pb.CommitUploadRequest, context: grpc.ServicerContext
+    ) -> pb.CommitUploadResponse:
+        def run() -> pb.CommitUploadResponse:
+            site = self.c.caller(context)
+            result = upload.commit(
+                self.c.state,
+                self.c.store,
+                self.c.writer,
+                site,
+                request.upload_id,
+                self.c.acceptance_checks,
+            )
+            verdict = "accepted" if result.accepted else f"not accepted: {result.reason}"
+            log.info("[Federation.CommitUpload] %s from %s %s", request.upload_id, site.name, verdict)
+            return serde.commit_to_pb(result)
+
+        return _handle(context, "CommitUpload", run)
+
+    def GetEnsemble(
+        self, request: pb.GetEnsembleRequest, context: grpc.ServicerContext
+    ) -> pb.GetEnsembleResponse:
+        def run() -> pb.GetEnsembleResponse:
+            self.c.caller(context)
+            return serde.ensemble_to_pb(release.ensemble_info(self.c.store))
+
+        return _handle(context, "GetEnsemble", run)
+
+
+def server_credentials(
+    state: StateDir, ca: CertificateAuthority, require_client_auth: bool
+) -> grpc.ServerCredentials:
+    """TLS with the coordinator's certificate; with ``require_client_auth`` the peer must
+    present a certificate issued by the federation CA (every call but Enroll)."""
+    if not state.server_cert.exists():
+        key = new_p256_key()
+        cert = ca.issue_server_certificate(key.public_key(), extra_dns=["localhost"])
+        write_private(state.server_key, private_key_pem(key))
+        write_public(state.server_cert, cert.public_bytes(serialization.Encoding.PEM))
+    key_pem = private_key_pem(load_private_key(state.server_key))
+    ca_pem = ca.cert.public_bytes(serialization.Encoding.PEM)
+    # The CA travels in the chain so a site can check it against its token's pin.
+    chain = state.server_cert.read_bytes() + ca_pem
+    return grpc.ssl_server_credentials(
+        [(key_pem, chain)],
+        root_certificates=ca_pem if require_client_auth else None,
+        require_client_auth=require_client_auth,
+    )
+
+
+def enrol_address(listen: str) -> str:
+    """The enrolment port's default: the mutual-TLS port + 1 (0 stays 0: any free port)."""
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + 1 if int(port) else 0}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    server: grpc.Server
+    port: int  # mutual TLS: every site call
+    enrol_port: int  # server TLS only: Enroll (a site has no certificate before it)
+
+
+def build_server(
+    coordinator: Coordinator, listen: str, enrol_listen: str | None = None, max_workers: int = 16
+) -> Bound:
+    """A server bound to both ports, not yet started.
+
+    gRPC's Python API can either require client certificates or not ask for them, so Enroll
+    gets a port of its own; the same servicer runs on both and ``Coordinator.caller`` refuses
+    every call but Enroll that arrives without a federation certificate.
+    """
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator), server)
+    state, ca = coordinator.state, coordinator.ca
+    port = server.add_secure_port(listen, server_credentials(state, ca, True))
+    enrol_target = enrol_listen or enrol_address(listen)
+    enrol_port = server.add_secure_port(enrol_target, server_credentials(state, ca, False))
+    if port == 0 or enrol_port == 0:
+        raise OSError(f"could not listen on {listen} and {enrol_target}")
+    return Bound(server, port, enrol_port)
+
+
+def serve(
+    state: StateDir,
+    listen: str,
+    enrol_listen: str | None = None,
+    heartbeat_seconds: int = sites.HEARTBEAT_SECONDS,
+    ready: Callable[[Bound], None] | None = None,
+) -> None:
+    """Runs the coordinator until SIGINT/SIGTERM, then drains in-flight calls."""
+    coordinator = Coordinator.open(state, heartbeat_seconds)
+    bound = build_server(coordinator, listen, enrol_listen)
+    bound.server.start()
+    log.info(
+        "[Coordinator] federation %s serving on port %d (mutual TLS) and %d (enrolment)",
+        coordinator.federation,
+        bound.port,
+        bound.enrol_port,
+    )
+    if ready is not None:
+        ready(bound)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("[Coordinator] shutting down")
+    bound.server.stop(grace=5).wait()
+    coordinator.store.close()

@@ -1,0 +1,415 @@
+"""The SQLite store (WAL): the coordinator's durable state in one file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from coordinator.store import (
+    SCHEMA_VERSION,
+    ArtifactRecord,
+    AssignmentRecord,
+    EnsembleRecord,
+    HeartbeatRecord,
+    PlanRecord,
+    SiteRecord,
+    Store,
+    TokenRecord,
+    UploadRecord,
+)
+from protocol.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+from protocol.messages import UploadFile
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+  token_id TEXT PRIMARY KEY, site TEXT NOT NULL, secret_sha256 TEXT NOT NULL,
+  role TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL);
+CREATE TABLE IF NOT EXISTS sites (
+  name TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, cert_serial TEXT NOT NULL,
+  cert_pem TEXT NOT NULL, enrolled_at REAL NOT NULL, revoked_at REAL);
+CREATE TABLE IF NOT EXISTS heartbeats (
+  site TEXT PRIMARY KEY REFERENCES sites(name), at REAL NOT NULL, phase TEXT NOT NULL,
+  step INTEGER NOT NULL, total_steps INTEGER NOT NULL, loss REAL NOT NULL,
+  tokens_per_second REAL NOT NULL, eta_seconds REAL NOT NULL, message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS plan (
+  id INTEGER PRIMARY KEY CHECK (id = 1), digest TEXT NOT NULL, num_experts INTEGER NOT NULL,
+  created_at REAL NOT NULL, summary_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS assignments (
+  expert_index INTEGER PRIMARY KEY, site TEXT NOT NULL UNIQUE REFERENCES sites(name),
+  plan_digest TEXT NOT NULL, assigned_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS artifacts (
+  name TEXT PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+  expert INTEGER, audience TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS uploads (
+  upload_id TEXT PRIMARY KEY, site TEXT NOT NULL, expert_index INTEGER NOT NULL,
+  manifest_key TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL,
+  created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS uploads_by_manifest ON uploads (site, expert_index, manifest_key);
+CREATE TABLE IF NOT EXISTS upload_files (
+  upload_id TEXT NOT NULL REFERENCES uploads(upload_id), path TEXT NOT NULL,
+  size INTEGER NOT NULL, sha256 TEXT NOT NULL, received INTEGER NOT NULL,
+  position INTEGER NOT NULL, PRIMARY KEY (upload_id, path));
+CREATE TABLE IF NOT EXISTS ensemble (
+  id INTEGER PRIMARY KEY CHECK (id = 1), manifest_json TEXT NOT NULL,
+  artifact_names TEXT NOT NULL, published_at REAL NOT NULL);
+"""
+
+
+def manifest_key(files: tuple[UploadFile, ...]) -> str:
+    """Identifies an upload's file list, so a resumed BeginUpload finds its session."""
+    return json.dumps([[f.path, f.size, f.sha256] for f in files])
+
+
+class SqliteStore(Store):
+    """One connection, serialised by a lock; WAL lets other processes read concurrently."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = str(path)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            self._path, check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        with self._lock:
+            self._conn.executescript(_SCHEMA)  # IF NOT EXISTS: safe on every open
+        with self._write() as conn:
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise FailedPrecondition(
+                    f"{self._path}: store schema version {row[0]}, this Atoll reads "
+                    f"{SCHEMA_VERSION}"
+                )
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so check-then-write is atomic even
+        # against another process (e.g. a CLI command beside a running server).
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- federation ----------------------------------------------------------------------
+    def schema_version(self) -> int:
+        return int(self._read("SELECT version FROM schema_version")[0][0])
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- tokens and sites ----------------------------------------------------------------
+    def add_token(self, token: TokenRecord) -> None:
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM tokens WHERE token_id = ?", (token.token_id,)).fetchone():
+                raise AlreadyExists(f"token id {token.token_id} already exists")
+            conn.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    token.token_id,
+                    token.site,
+                    token.secret_sha256,
+                    token.role,
+                    token.created_at,
+                    token.expires_at,
+                    token.used_at,
+                ),
+            )
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        rows = self._read("SELECT * FROM tokens WHERE token_id = ?", (token_id,))
+        return TokenRecord(**dict(rows[0])) if rows else None
+
+    def enroll_site(self, token_id: str, site: SiteRecord, now: float) -> SiteRecord:
+        with self._write() as conn:
+            row = conn.execute("SELECT used_at FROM tokens WHERE token_id = ?", (token_id,))
+            found = row.fetchone()
+            if found is None:
+                raise Unauthenticated(f"unknown enrolment token {token_id}")
+            if found[0] is not None:
+                raise Unauthenticated(f"enrolment token {token_id} was already used")
+            conn.execute("UPDATE tokens SET used_at = ? WHERE token_id = ?", (now, token_id))
+            conn.execute(
+                "INSERT INTO sites VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT(name) DO UPDATE SET "
+                "spiffe_id = excluded.spiffe_id, cert_serial = excluded.cert_serial, "
+                "cert_pem = excluded.cert_pem, enrolled_at = excluded.enrolled_at",
+                (site.name, site.spiffe_id, site.cert_serial, site.cert_pem, site.enrolled_at),
+            )
+            stored = conn.execute("SELECT * FROM sites WHERE name = ?", (site.name,)).fetchone()
+        return SiteRecord(**dict(stored))
+
+    def get_site(self, name: str) -> SiteRecord | None:
+        rows = self._read("SELECT * FROM sites WHERE name = ?", (name,))
+        return SiteRecord(**dict(rows[0])) if rows else None
+
+    def list_sites(self) -> list[SiteRecord]:
+        return [SiteRecord(**dict(r)) for r in self._read("SELECT * FROM sites ORDER BY name")]
+
+    def revoke_site(self, name: str, now: float) -> SiteRecord:
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM sites WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"no enrolled site named {name!r}")
+            conn.execute(
+                "UPDATE sites SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (now, name),
+            )
+            row = conn.execute("SELECT * FROM sites WHERE name = ?", (name,)).fetchone()
+        return SiteRecord(**dict(row))
+
+    # -- heartbeats ----------------------------------------------------------------------
+    def record_heartbeat(self, heartbeat: HeartbeatRecord) -> None:
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM sites WHERE name = ?", (heartbeat.site,)).fetchone() is None:
+                raise NotFound(f"no enrolled site named {heartbeat.site!r}")
+            conn.execute(
+                "INSERT OR REPLACE INTO heartbeats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    heartbeat.site,
+                    heartbeat.at,
+                    heartbeat.phase,
+                    heartbeat.step,
+                    heartbeat.total_steps,
+                    heartbeat.loss,
+                    heartbeat.tokens_per_second,
+                    heartbeat.eta_seconds,
+                    heartbeat.message,
+                ),
+            )
+
+    def latest_heartbeats(self) -> dict[str, HeartbeatRecord]:
+        rows = self._read("SELECT * FROM heartbeats")
+        return {r["site"]: HeartbeatRecord(**dict(r)) for r in rows}
+
+    # -- plan and assignments ------------------------------------------------------------
+    def put_plan(self, plan: PlanRecord) -> None:
+        with self._write() as conn:
+            current = conn.execute("SELECT digest FROM plan WHERE id = 1").fetchone()
+            if current is not None and current[0] == plan.digest:
+                return
+            assigned = conn.execute("SELECT COUNT(*) FROM assignments").fetchone()[0]
+            if assigned:
+                raise FailedPrecondition(
+                    f"{assigned} expert(s) are already assigned under plan "
+                    f"{current[0][:12] if current else '?'}; the partition plan cannot change now"
+                )
+            conn.execute(
+                "INSERT OR REPLACE INTO plan VALUES (1, ?, ?, ?, ?)",
+                (plan.digest, plan.num_experts, plan.created_at, plan.summary_json),
+            )
+
+    def get_plan(self) -> PlanRecord | None:
+        rows = self._read("SELECT digest, num_experts, created_at, summary_json FROM plan")
+        return PlanRecord(**dict(rows[0])) if rows else None
+
+    def assign_expert(self, site: str, now: float) -> AssignmentRecord | None:
+        with self._write() as conn:
+            plan = conn.execute("SELECT digest, num_experts FROM plan WHERE id = 1").fetchone()
+            if plan is None:
+                raise FailedPrecondition("no partition plan yet: run `coordinator partition`")
+            row = conn.execute("SELECT * FROM assignments WHERE site = ?", (site,)).fetchone()
+            if row is not None:
+                return AssignmentRecord(**dict(row))
+            taken = {r[0] for r in conn.execute("SELECT expert_index FROM assignments")}
+            free = [k for k in range(plan["num_experts"]) if k not in taken]
+            if not free:
+                return None
+            record = AssignmentRecord(free[0], site, plan["digest"], now)
+            conn.execute(
+                "INSERT INTO assignments VALUES (?, ?, ?, ?)",
+                (record.expert_index, record.site, record.plan_digest, record.assigned_at),
+            )
+        return record
+
+    def get_assignment(self, site: str) -> AssignmentRecord | None:
+        rows = self._read("SELECT * FROM assignments WHERE site = ?", (site,))
+        return AssignmentRecord(**dict(rows[0])) if rows else None
+
+    def list_assignments(self) -> list[AssignmentRecord]:
+        rows = self._read("SELECT * FROM assignments ORDER BY expert_index")
+        return [AssignmentRecord(**dict(r)) for r in rows]
+
+    # -- artifacts -----------------------------------------------------------------------
+    def put_artifact(self, artifact: ArtifactRecord) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    artifact.name,
+                    artifact.path,
+                    artifact.size,
+                    artifact.sha256,
+                    artifact.expert,
+                    artifact.audience,
+                ),
+            )
+
+    def get_artifact(self, name: str) -> ArtifactRecord | None:
+        rows = self._read("SELECT * FROM artifacts WHERE name = ?", (name,))
+        return ArtifactRecord(**dict(rows[0])) if rows else None
+
+    def list_artifacts(self) -> list[ArtifactRecord]:
+        return [ArtifactRecord(**dict(r)) for r in self._read("SELECT * FROM artifacts ORDER BY name")]
+
+    # -- uploads -------------------------------------------------------------------------
+    def _upload(self, conn: sqlite3.Connection, upload_id: str) -> UploadRecord | None:
+        row = conn.execute("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,)).fetchone()
+        if row is None:
+            return None
+        files = conn.execute(
+            "SELECT path, size, sha256, received FROM upload_files WHERE upload_id = ? "
+            "ORDER BY position",
+            (upload_id,),
+        ).fetchall()
+        return UploadRecord(
+            upload_id=row["upload_id"],
+            site=row["site"],
+            expert_index=row["expert_index"],
+            files=tuple(UploadFile(f["path"], f["size"], f["sha256"]) for f in files),
+            received={f["path"]: f["received"] for f in files},
+            state=row["state"],
+            reason=row["reason"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+    def begin_upload(self, upload: UploadRecord) -> UploadRecord:
+        key = manifest_key(upload.files)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT upload_id FROM uploads WHERE site = ? AND expert_index = ? AND "
+                "manifest_key = ? AND state = 'open'",
+                (upload.site, upload.expert_index, key),
+            ).fetchone()
+            if row is not None:
+                existing = self._upload(conn, row[0])
+                assert existing is not None
+                return existing
+            conn.execute(
+                "INSERT INTO uploads VALUES (?, ?, ?, ?, 'open', '', ?, ?)",
+                (
+                    upload.upload_id,
+                    upload.site,
+                    upload.expert_index,
+                    key,
+                    upload.created_at,
+                    upload.created_at,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO upload_files VALUES (?, ?, ?, ?, 0, ?)",
+                [
+                    (upload.upload_id, f.path, f.size, f.sha256, i)
+                    for i, f in enumerate(upload.files)
+                ],
+            )
+            created = self._upload(conn, upload.upload_id)
+        assert created is not None
+        return created
+
+    def get_upload(self, upload_id: str) -> UploadRecord | None:
+        with self._lock:
+            return self._upload(self._conn, upload_id)
+
+    def advance_upload(self, upload_id: str, path: str, offset: int, length: int) -> int:
+        with self._write() as conn:
+            state = conn.execute(
+                "SELECT state FROM uploads WHERE upload_id = ?", (upload_id,)
+            ).fetchone()
+            if state is None:
+                raise NotFound(f"unknown upload id {upload_id!r}")
+            if state[0] != "open":
+                raise FailedPrecondition(f"upload {upload_id} is already {state[0]}")
+            row = conn.execute(
+                "SELECT size, received FROM upload_files WHERE upload_id = ? AND path = ?",
+                (upload_id, path),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"upload {upload_id}: {path!r} is not in its file list")
+            size, received = row
+            if offset != received:
+                raise InvalidArgument(
+                    f"upload {upload_id}: chunk of {path!r} at offset {offset}, "
+                    f"expected offset {received}"
+                )
+            if offset + length > size:
+                raise InvalidArgument(
+                    f"upload {upload_id}: chunk would grow {path!r} to {offset + length} bytes, "
+                    f"past its declared size {size}"
+                )
+            conn.execute(
+                "UPDATE upload_files SET received = ? WHERE upload_id = ? AND path = ?",
+                (offset + length, upload_id, path),
+            )
+        return offset + length
+
+    def finish_upload(self, upload_id: str, state: str, reason: str, now: float) -> UploadRecord:
+        if state not in ("accepted", "rejected"):
+            raise InvalidArgument(f"upload state {state!r}: expected 'accepted' or 'rejected'")
+        with self._write() as conn:
+            current = self._upload(conn, upload_id)
+            if current is None:
+                raise NotFound(f"unknown upload id {upload_id!r}")
+            if current.state != "open":
+                raise FailedPrecondition(f"upload {upload_id} is already {current.state}")
+            conn.execute(
+                "UPDATE uploads SET state = ?, reason = ?, updated_at = ? WHERE upload_id = ?",
+                (state, reason, now, upload_id),
+            )
+            finished = self._upload(conn, upload_id)
+        assert finished is not None
+        return finished
+
+    # -- ensemble ------------------------------------------------------------------------
+    def publish_ensemble(self, ensemble: EnsembleRecord) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO ensemble VALUES (1, ?, ?, ?)",
+                (
+                    ensemble.manifest_json,
+                    json.dumps(list(ensemble.artifact_names)),
+                    ensemble.published_at,
+                ),
+            )
+
+    def get_ensemble(self) -> EnsembleRecord | None:
+        rows = self._read("SELECT * FROM ensemble WHERE id = 1")
+        if not rows:
+            return None
+        return EnsembleRecord(
+            manifest_json=rows[0]["manifest_json"],
+            artifact_names=tuple(json.loads(rows[0]["artifact_names"])),
+            published_at=rows[0]["published_at"],
+        )

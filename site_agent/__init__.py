@@ -1,0 +1,1 @@
+"""What runs at a site: enrolment, the join loop, verified downloads, resumable uploads."""

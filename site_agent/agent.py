@@ -1,0 +1,172 @@
+"""The site agent: enrol once, then loop — assignment, artifacts, heartbeats.
+
+State lives in the workdir, so re-running `site-agent join` resumes: no second enrolment, no
+second download of a verified artifact, the same expert slot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from protocol.errors import FailedPrecondition, VerificationFailed
+from protocol.identity import EnrolmentToken
+from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
+from protocol.x509 import load_private_key, new_p256_key, private_key_pem, write_private, write_public
+from site_agent.client import FederationClient, Retry, fetch_pinned_ca, split_address
+from site_agent.transfer import download_artifact
+from site_agent.workdir import SiteIdentity, Workdir
+
+log = logging.getLogger("atoll.site")
+
+
+def default_enrol_address(address: str) -> str:
+    """The coordinator's enrolment port: its mutual-TLS port + 1, unless told otherwise."""
+    host, port = split_address(address)
+    return f"{host}:{port + 1}"
+
+
+def enrol(
+    workdir: Workdir,
+    address: str,
+    token_text: str,
+    enrol_address: str | None = None,
+    retry: Retry | None = None,
+) -> SiteIdentity:
+    """Creates the site key, pins the coordinator's CA from the token and enrols with a CSR.
+
+    ``address`` is the coordinator's mutual-TLS address (kept for every later call); enrolment
+    itself goes to ``enrol_address`` (default: the next port).
+    """
+    token = EnrolmentToken.parse(token_text)
+    enrol_at = enrol_address or default_enrol_address(address)
+    ca_pem, federation = fetch_pinned_ca(enrol_at, token.ca_sha256)
+    key = load_private_key(workdir.key) if workdir.key.exists() else new_p256_key()
+    write_private(workdir.key, private_key_pem(key))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, token.site)]))
+        .sign(key, hashes.SHA256())
+    )
+    with FederationClient(enrol_at, federation, ca_pem, retry=retry) as client:
+        result = client.enroll(token, csr.public_bytes(serialization.Encoding.PEM))
+    if result.ca_certificate_pem.strip() != ca_pem.strip():
+        raise VerificationFailed("Enroll answered with a CA other than the pinned one")
+    write_public(workdir.ca, ca_pem)
+    write_public(workdir.cert, result.certificate_pem)
+    identity = SiteIdentity(address, result.federation, token.site, result.spiffe_id)
+    workdir.save_identity(identity)
+    log.info("[site] enrolled as %s", identity.spiffe_id)
+    return identity
+
+
+def connect(workdir: Workdir, address: str | None = None, retry: Retry | None = None) -> FederationClient:
+    """A mutual-TLS client from the workdir's certificate (``address`` overrides site.json)."""
+    identity = workdir.identity()
+    return FederationClient(
+        address or identity.coordinator,
+        identity.federation,
+        workdir.ca.read_bytes(),
+        key_pem=workdir.key.read_bytes(),
+        cert_pem=workdir.cert.read_bytes(),
+        retry=retry,
+    )
+
+
+@dataclass
+class Agent:
+    """The join loop. ``stop`` ends it between steps (signals, tests)."""
+
+    workdir: Workdir
+    client: FederationClient
+    progress: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
+    phase: str = "waiting"
+    heartbeat_seconds: float = 10.0
+    message: str = ""
+
+    def _save(self, **extra: Any) -> None:
+        state = self.workdir.agent_state()
+        state.update(phase=self.phase, message=self.message, updated_at=time.time(), **extra)
+        self.workdir.save_agent_state(state)
+
+    def _set_phase(self, phase: str, message: str = "") -> None:
+        if phase != self.phase:
+            log.info("[site] phase %s -> %s %s", self.phase, phase, message)
+        self.phase, self.message = phase, message
+        self._save()
+
+    def beat(self) -> Directive:
+        reply = self.client.heartbeat(Heartbeat(phase=self.phase, message=self.message))
+        self.heartbeat_seconds = float(reply.next_heartbeat_seconds or self.heartbeat_seconds)
+        self._save(last_heartbeat=time.time())
+        if reply.directive is Directive.STOP:
+            log.warning("[site] coordinator directs: stop (%s)", reply.message)
+        return reply.directive
+
+    def fetch_assignment(self) -> dict[str, Any] | None:
+        """The assignment (from the workdir, else the coordinator), or None while pending."""
+        saved = self.workdir.assignment()
+        if saved is not None:
+            return saved
+        reply = self.client.get_assignment()
+        if reply.status is not AssignmentStatus.ASSIGNED:
+            # Polled again after the next heartbeat: both calls are cheap and idempotent.
+            self._set_phase("waiting", reply.reason)
+            return None
+        document = {
+            "assignment": json.loads(reply.assignment_json),
+            "assignment_digest": reply.assignment_digest,
+            "expert_index": reply.expert_index,
+            "num_experts": reply.num_experts,
+            "plan_digest": reply.plan_digest,
+            "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in reply.artifacts],
+        }
+        self.workdir.save_assignment(document)
+        self._set_phase("assigned", f"expert {reply.expert_index} of {reply.num_experts}")
+        return document
+
+    def fetch_artifacts(self, assignment: dict[str, Any]) -> None:
+        refs = [ArtifactRef(**a) for a in assignment["artifacts"]]
+        self._set_phase("downloading", f"{len(refs)} artifact(s)")
+        for ref in refs:
+            download_artifact(self.client, ref, self.workdir.artifacts_dir, self.progress)
+        self._set_phase("ready", f"expert {assignment['expert_index']}: artifacts verified")
+
+    def step(self) -> Directive:
+        """One pass: advance as far as the federation allows, then heartbeat."""
+        if self.phase in ("waiting", "assigned", "downloading"):
+            assignment = self.fetch_assignment()
+            if assignment is not None:
+                self.fetch_artifacts(assignment)
+        return self.beat()
+
+    def run(self, until: str | None = None) -> int:
+        """Loops until stopped, directed to stop, or (``until``) a phase is reached."""
+        saved = self.workdir.agent_state().get("phase")
+        if saved == "ready" and self.workdir.assignment() is not None:
+            self.phase = "ready"  # artifacts are re-verified below only if missing
+        while not self.stop.is_set():
+            if self.step() is Directive.STOP:
+                self._set_phase("failed", "stopped by the coordinator")
+                return 1
+            if until is not None and self.phase == until:
+                return 0
+            self.stop.wait(self.heartbeat_seconds)
+        return 0
+
+
+def require_enrolled(workdir: Workdir) -> SiteIdentity:
+    if not workdir.is_enrolled():
+        raise FailedPrecondition(
+            f"{workdir.root} is not enrolled: pass --token (from `coordinator invite`)"
+        )
+    return workdir.identity()

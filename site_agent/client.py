@@ -1,0 +1,210 @@
+"""The site's gRPC client: pinned first contact, mutual TLS after, retries with backoff.
+
+Every call is idempotent on the coordinator's side, so transport failures (coordinator down or
+restarting, network loss) are retried with capped exponential backoff until ``give_up_after``;
+answers that are the coordinator's word (bad token, permission, ...) raise at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+
+from protocol import federation_pb2 as pb
+from protocol import federation_pb2_grpc as pb_grpc
+from protocol import serde
+from protocol.errors import InvalidArgument, Unavailable, VerificationFailed, error_for_code_name
+from protocol.identity import EnrolmentToken, coordinator_dns_name
+from protocol.messages import (
+    AssignmentReply,
+    CommitResult,
+    Enrolment,
+    EnsembleInfo,
+    Heartbeat,
+    HeartbeatReply,
+    UploadChunk,
+    UploadFile,
+    UploadStatus,
+)
+from protocol.x509 import certificate_sha256, signed_by, uri_sans
+
+log = logging.getLogger("atoll.site")
+T = TypeVar("T")
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+}
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InvalidArgument(f"coordinator address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def fetch_pinned_ca(address: str, pin_sha256: str, timeout: float = 10.0) -> tuple[bytes, str]:
+    """Reads the certificate chain the coordinator presents and returns the CA certificate
+    whose sha256 is ``pin_sha256`` (PEM) and the federation the coordinator serves.
+
+    Nothing is trusted before the pin matches: this is the kubeadm-style first contact.
+    """
+    host, port = split_address(address)
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_verify(SSL.VERIFY_NONE, lambda *_: True)  # verified below, against the pin
+    context.set_alpn_protos([b"h2"])
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as error:
+        raise Unavailable(f"cannot reach coordinator at {address}: {error}") from error
+    sock.settimeout(None)
+    connection = SSL.Connection(context, sock)
+    connection.set_connect_state()
+    try:
+        connection.do_handshake()
+        chain = connection.get_peer_cert_chain(as_cryptography=True) or []
+    except (SSL.Error, OSError) as error:
+        raise Unavailable(f"TLS handshake with {address} failed: {error}") from error
+    finally:
+        connection.close()
+    if not chain:
+        raise VerificationFailed(f"coordinator at {address} presented no certificate")
+    leaf = chain[0]
+    for candidate in chain:
+        if certificate_sha256(candidate) == pin_sha256:
+            if not signed_by(leaf, candidate):
+                raise VerificationFailed(
+                    f"coordinator at {address}: its certificate is not issued by the pinned CA"
+                )
+            return candidate.public_bytes(serialization.Encoding.PEM), _federation_of(leaf)
+    presented = ", ".join(certificate_sha256(c)[:16] + ".." for c in chain)
+    raise VerificationFailed(
+        f"coordinator at {address} presented CA sha256 {presented}; the token pins "
+        f"{pin_sha256[:16]}..: refusing to enrol (wrong address, or a different federation)"
+    )
+
+
+def _federation_of(leaf: x509.Certificate) -> str:
+    for uri in uri_sans(leaf):
+        if uri.startswith("spiffe://") and uri.endswith("/coordinator"):
+            return uri.removeprefix("spiffe://").removesuffix("/coordinator")
+    raise VerificationFailed("coordinator certificate carries no spiffe://<federation>/coordinator")
+
+
+@dataclass
+class Retry:
+    initial: float = 0.5
+    maximum: float = 30.0
+    give_up_after: float | None = None  # seconds; None retries for as long as it takes
+
+    def run(self, what: str, call: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+        delay = self.initial
+        started = time.monotonic()
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as error:
+                code = error.code()
+                if code not in RETRYABLE:
+                    raise error_for_code_name(code.name, error.details() or code.name) from None
+                elapsed = time.monotonic() - started
+                if self.give_up_after is not None and elapsed >= self.give_up_after:
+                    raise Unavailable(
+                        f"{what}: coordinator unreachable for {elapsed:.0f}s ({error.details()})"
+                    ) from None
+                log.info("[site] %s: %s, retrying in %.1fs", what, code.name, delay)
+                sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.maximum)
+
+
+class FederationClient:
+    """Typed calls over one channel; ``with`` closes it."""
+
+    def __init__(
+        self,
+        address: str,
+        federation: str,
+        ca_pem: bytes,
+        key_pem: bytes | None = None,
+        cert_pem: bytes | None = None,
+        retry: Retry | None = None,
+    ) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+        )
+        options = [
+            # The CA pin authenticates the coordinator, so sites may dial it by any address.
+            ("grpc.ssl_target_name_override", coordinator_dns_name(federation)),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.address = address
+        self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.FederationStub(self._channel)
+        self.retry = retry or Retry()
+
+    def __enter__(self) -> FederationClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def enroll(self, token: EnrolmentToken, csr_pem: bytes) -> Enrolment:
+        request = pb.EnrollRequest(token=token.credential, site_name=token.site, csr_pem=csr_pem)
+        return serde.enrolment_from_pb(self.retry.run("Enroll", lambda: self._stub.Enroll(request)))
+
+    def get_assignment(self) -> AssignmentReply:
+        reply = self.retry.run(
+            "GetAssignment", lambda: self._stub.GetAssignment(pb.GetAssignmentRequest())
+        )
+        return serde.assignment_from_pb(reply)
+
+    def heartbeat(self, beat: Heartbeat) -> HeartbeatReply:
+        request = serde.heartbeat_to_pb(beat)
+        return serde.heartbeat_reply_from_pb(
+            self.retry.run("Heartbeat", lambda: self._stub.Heartbeat(request))
+        )
+
+    def download_stream(self, name: str, offset: int) -> Iterator[pb.DownloadArtifactResponse]:
+        """One attempt at streaming ``name`` from ``offset`` (callers resume on failure)."""
+        return iter(self._stub.DownloadArtifact(pb.DownloadArtifactRequest(name=name, offset=offset)))
+
+    def begin_upload(self, expert_index: int, files: list[UploadFile]) -> UploadStatus:
+        request = pb.BeginUploadRequest(
+            expert_index=expert_index, files=serde.upload_files_to_pb(files)
+        )
+        return serde.upload_status_from_pb(
+            self.retry.run("BeginUpload", lambda: self._stub.BeginUpload(request))
+        )
+
+    def upload_chunks(self, chunks: Iterator[UploadChunk]) -> dict[str, int]:
+        """One attempt at streaming chunks (callers resume from BeginUpload on failure)."""
+        reply = self._stub.UploadChunk(serde.chunk_to_pb(c) for c in chunks)
+        return serde.received_from_pb(list(reply.received))
+
+    def commit_upload(self, upload_id: str) -> CommitResult:
+        request = pb.CommitUploadRequest(upload_id=upload_id)
+        return serde.commit_from_pb(
+            self.retry.run("CommitUpload", lambda: self._stub.CommitUpload(request))
+        )
+
+    def get_ensemble(self) -> EnsembleInfo:
+        reply = self.retry.run("GetEnsemble", lambda: self._stub.GetEnsemble(pb.GetEnsembleRequest()))
+        return serde.ensemble_from_pb(reply)

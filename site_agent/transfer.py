@@ -1,0 +1,150 @@
+"""Resumable, verified transfers: artifact downloads and expert uploads.
+
+Both survive a dropped connection or a coordinator restart: a download resumes from the size
+of its ``.part`` file, an upload from what the coordinator says it received (BeginUpload).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from protocol.digests import file_sha256
+from protocol.errors import VerificationFailed, error_for_code_name
+from protocol.messages import ArtifactRef, CommitResult, UploadChunk, UploadFile
+from site_agent.client import RETRYABLE, FederationClient
+
+log = logging.getLogger("atoll.site")
+CHUNK_SIZE = 1 << 20
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not enabled,
+        leave=False,
+    )
+
+
+def _transient(error: grpc.RpcError) -> bool:
+    return error.code() in RETRYABLE
+
+
+def download_artifact(
+    client: FederationClient,
+    ref: ArtifactRef,
+    dest_dir: Path,
+    progress: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
+    """Downloads ``ref`` into ``dest_dir`` (resuming a ``.part``) and verifies its sha256."""
+    target = dest_dir / ref.name
+    if target.exists() and target.stat().st_size == ref.size and file_sha256(target) == ref.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    delay = client.retry.initial
+    while True:
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > ref.size:
+            part.unlink()
+            offset = 0
+        try:
+            with part.open("ab") as handle, _progress(ref.size, offset, ref.name, progress) as bar:
+                for message in client.download_stream(ref.name, offset):
+                    if message.HasField("artifact") and message.artifact.sha256 != ref.sha256:
+                        raise VerificationFailed(
+                            f"artifact {ref.name}: coordinator serves sha256 "
+                            f"{message.artifact.sha256[:16]}.., the assignment says {ref.sha256[:16]}.."
+                        )
+                    if message.data:
+                        handle.write(message.data)
+                        bar.update(len(message.data))
+            break
+        except grpc.RpcError as error:
+            if not _transient(error):
+                raise error_for_code_name(error.code().name, error.details() or "") from None
+            log.info("[site] download of %s interrupted (%s); resuming", ref.name, error.code().name)
+            sleep(delay)
+            delay = min(delay * 2, client.retry.maximum)
+    actual = file_sha256(part)
+    if part.stat().st_size != ref.size or actual != ref.sha256:
+        part.unlink()  # a corrupt partial file would poison every resume
+        raise VerificationFailed(
+            f"artifact {ref.name}: expected sha256 {ref.sha256[:16]}.. ({ref.size} bytes), "
+            f"got {actual[:16]}.. ({part.stat().st_size if part.exists() else 0} bytes)"
+        )
+    os.replace(part, target)
+    return target
+
+
+def directory_manifest(directory: Path) -> list[UploadFile]:
+    """Every regular file under ``directory`` with its size and sha256, sorted by path."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+    return [
+        UploadFile(p.relative_to(directory).as_posix(), p.stat().st_size, file_sha256(p))
+        for p in files
+    ]
+
+
+def _chunks(
+    directory: Path, upload_id: str, files: list[UploadFile], received: dict[str, int], bar: tqdm
+) -> Iterator[UploadChunk]:
+    for item in files:
+        offset = received.get(item.path, 0)
+        if offset >= item.size:
+            continue
+        with (directory / item.path).open("rb") as handle:
+            handle.seek(offset)
+            while offset < item.size:
+                data = handle.read(min(CHUNK_SIZE, item.size - offset))
+                if not data:
+                    raise VerificationFailed(f"{item.path} shrank while uploading")
+                yield UploadChunk(upload_id, item.path, offset, data)
+                offset += len(data)
+                bar.update(len(data))
+
+
+def upload_directory(
+    client: FederationClient,
+    expert_index: int,
+    directory: Path,
+    progress: bool = False,
+    files: list[UploadFile] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CommitResult:
+    """Uploads every file of ``directory`` for ``expert_index`` and commits the session."""
+    manifest = directory_manifest(directory) if files is None else files
+    total = sum(f.size for f in manifest)
+    delay = client.retry.initial
+    while True:
+        status = client.begin_upload(expert_index, manifest)
+        if status.state != "open":
+            break
+        done = sum(min(status.received.get(f.path, 0), f.size) for f in manifest)
+        try:
+            with _progress(total, done, f"upload expert-{expert_index}", progress) as bar:
+                client.upload_chunks(_chunks(directory, status.upload_id, manifest, status.received, bar))
+            break
+        except grpc.RpcError as error:
+            if not _transient(error):
+                raise error_for_code_name(error.code().name, error.details() or "") from None
+            log.info("[site] upload interrupted (%s); resuming", error.code().name)
+            sleep(delay)
+            delay = min(delay * 2, client.retry.maximum)
+    result = client.commit_upload(status.upload_id)
+    if not result.accepted:
+        log.warning("[site] upload %s not accepted: %s", status.upload_id, result.reason)
+    return result
+

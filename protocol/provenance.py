@@ -1,0 +1,467 @@
+"""Provenance of an expert: ``provenance.sigstore.json``, SLSA Provenance v1 in a DSSE envelope.
+
+Who trained which expert, from which base model, on which data, with which recipe. The file is
+a DSSE envelope (payloadType ``application/vnd.in-toto+json``) signed with the site's P-256 key
+(ECDSA-sha256 over the DSSE PAE; ``keyid`` = sha256 of the DER public key) around an in-toto
+Statement v1:
+
+* ``subject``: the expert, by its model-signing root digest (the subject of ``model.sig``);
+* ``predicate`` (SLSA Provenance v1):
+
+  * ``buildDefinition.buildType``: :data:`BUILD_TYPE`;
+  * ``externalParameters``: ``expertIndex``, ``assignmentDigest``, ``recipeDigest``;
+  * ``resolvedDependencies``: ``base-model`` and ``shard-manifest`` (by sha256) and the
+    ``atoll`` package (``pkg:pypi/atoll@<version>``);
+  * ``runDetails.builder.id``: the site's SPIFFE id;
+    ``runDetails.metadata``: ``invocationId``, ``startedOn``, ``finishedOn``;
+    ``runDetails.byproducts``: ``training-summary`` (steps, final loss, GPUs) as annotations,
+    with the sha256 of their canonical JSON.
+
+The envelope verifies with any DSSE implementation, e.g. ``securesystemslib``::
+
+    Envelope.from_dict(json.load(f)).verify([SSlibKey.from_crypto(pub, keyid=...)], 1)
+
+Example::
+
+    run = TrainingRun(expert_index=2, assignment_digest=..., recipe_digest=..., ...)
+    signed = sign_expert(expert_dir, run, private_key_path=key, certificate_path=crt,
+                         ca_path=ca)
+    verified = verify_expert(expert_dir, trusted_ca_pem=ca_pem,
+                             expected=ProvenanceExpectations(expert_index=2))
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from protocol.canonical import canonical_digest, canonical_json
+from protocol.digests import check_sha256_hex
+from protocol.errors import InvalidArgument, VerificationFailed
+from protocol.signing import (
+    PROVENANCE_FILE,
+    VerifiedModel,
+    dsse_pae,
+    ecdsa_sign,
+    ecdsa_verify,
+    load_private_key,
+    public_key_id,
+    sign_model,
+    spiffe_id_of,
+    verify_model,
+)
+
+__all__ = [
+    "BUILD_TYPE",
+    "PAYLOAD_TYPE",
+    "SLSA_PREDICATE_TYPE",
+    "ExpertProvenance",
+    "ProvenanceExpectations",
+    "TrainingRun",
+    "VerifiedExpert",
+    "provenance_statement",
+    "sign_expert",
+    "sign_provenance",
+    "verify_expert",
+    "verify_provenance",
+]
+
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+SLSA_PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+BUILD_TYPE = "https://atoll.dev/buildtypes/expert-training/v1"
+_SUMMARY = "training-summary"
+
+
+def _rfc3339(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        raise InvalidArgument(f"timestamp {moment.isoformat()}: expected a timezone-aware time")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What the site agent knows about one training run (all digests: hex sha256).
+
+    Attributes:
+        expert_index: The expert k this run trained.
+        assignment_digest: Digest of the assignment the coordinator issued.
+        recipe_digest: Digest of the training recipe.
+        base_model_digest: Root digest of the base checkpoint trained from.
+        shard_manifest_digest: Digest of the shard manifest (the data).
+        atoll_version: Version of the atoll package that trained.
+        invocation_id: Unique id of this run (e.g. a UUID).
+        started_on: Start of training (timezone-aware).
+        finished_on: End of training (timezone-aware).
+        steps: Optimiser steps taken.
+        final_loss: Last training loss (finite).
+        gpus: Names of the devices used, one per GPU (empty on CPU).
+    """
+
+    expert_index: int
+    assignment_digest: str
+    recipe_digest: str
+    base_model_digest: str
+    shard_manifest_digest: str
+    atoll_version: str
+    invocation_id: str
+    started_on: datetime
+    finished_on: datetime
+    steps: int
+    final_loss: float
+    gpus: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.expert_index, bool) or self.expert_index < 0:
+            raise InvalidArgument(
+                f"expert_index: expected an integer >= 0, got {self.expert_index}"
+            )
+        for name in ("assignment_digest", "recipe_digest", "base_model_digest"):
+            check_sha256_hex(getattr(self, name), name)
+        check_sha256_hex(self.shard_manifest_digest, "shard_manifest_digest")
+        if not self.atoll_version or not self.invocation_id:
+            raise InvalidArgument("atoll_version and invocation_id must not be empty")
+        started, finished = _rfc3339(self.started_on), _rfc3339(self.finished_on)
+        if self.finished_on < self.started_on:
+            raise InvalidArgument(f"finished_on {finished} is before started_on {started}")
+        if self.steps < 0:
+            raise InvalidArgument(f"steps: expected >= 0, got {self.steps}")
+        if not math.isfinite(self.final_loss):
+            raise InvalidArgument(f"final_loss: expected a finite number, got {self.final_loss}")
+
+
+@dataclass(frozen=True)
+class ExpertProvenance:
+    """A provenance statement's content: which model, who built it, and the run.
+
+    Attributes:
+        model_root_digest: The model-signing root digest of the expert directory.
+        builder_id: The site's SPIFFE id.
+        run: The training run.
+    """
+
+    model_root_digest: str
+    builder_id: str
+    run: TrainingRun
+
+
+@dataclass(frozen=True)
+class ProvenanceExpectations:
+    """Values a verifier insists on; ``None`` leaves a field unchecked."""
+
+    model_root_digest: str | None = None
+    builder_id: str | None = None
+    expert_index: int | None = None
+    assignment_digest: str | None = None
+    recipe_digest: str | None = None
+    base_model_digest: str | None = None
+    shard_manifest_digest: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifiedExpert:
+    """An expert directory whose ``model.sig`` and provenance both verified."""
+
+    model: VerifiedModel
+    provenance: ExpertProvenance
+
+
+def provenance_statement(provenance: ExpertProvenance) -> dict[str, Any]:
+    """The in-toto Statement v1 (SLSA Provenance v1 predicate) for ``provenance``."""
+    check_sha256_hex(provenance.model_root_digest, "model_root_digest")
+    if not provenance.builder_id.startswith("spiffe://"):
+        raise InvalidArgument(f"builder_id {provenance.builder_id!r}: expected a spiffe:// id")
+    run = provenance.run
+    summary = {"steps": run.steps, "finalLoss": run.final_loss, "gpus": list(run.gpus)}
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [
+            {
+                "name": f"expert-{run.expert_index}",
+                "digest": {"sha256": provenance.model_root_digest},
+            }
+        ],
+        "predicateType": SLSA_PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {
+                    "expertIndex": run.expert_index,
+                    "assignmentDigest": {"sha256": run.assignment_digest},
+                    "recipeDigest": {"sha256": run.recipe_digest},
+                },
+                "resolvedDependencies": [
+                    {"name": "base-model", "digest": {"sha256": run.base_model_digest}},
+                    {"name": "shard-manifest", "digest": {"sha256": run.shard_manifest_digest}},
+                    {"name": "atoll", "uri": f"pkg:pypi/atoll@{run.atoll_version}"},
+                ],
+            },
+            "runDetails": {
+                "builder": {"id": provenance.builder_id},
+                "metadata": {
+                    "invocationId": run.invocation_id,
+                    "startedOn": _rfc3339(run.started_on),
+                    "finishedOn": _rfc3339(run.finished_on),
+                },
+                "byproducts": [
+                    {
+                        "name": _SUMMARY,
+                        "digest": {"sha256": canonical_digest(summary)},
+                        "annotations": summary,
+                    }
+                ],
+            },
+        },
+    }
+
+
+def _parse_statement(statement: Any) -> ExpertProvenance:
+    """The inverse of :func:`provenance_statement`, strict about types and shape."""
+    try:
+        if statement["_type"] != STATEMENT_TYPE:
+            raise ValueError(f"_type is {statement['_type']!r}, expected {STATEMENT_TYPE}")
+        if statement["predicateType"] != SLSA_PREDICATE_TYPE:
+            raise ValueError(
+                f"predicateType is {statement['predicateType']!r}, expected {SLSA_PREDICATE_TYPE}"
+            )
+        (subject,) = statement["subject"]
+        build = statement["predicate"]["buildDefinition"]
+        if build["buildType"] != BUILD_TYPE:
+            raise ValueError(f"buildType is {build['buildType']!r}, expected {BUILD_TYPE}")
+        external = build["externalParameters"]
+        dependencies = {d["name"]: d for d in build["resolvedDependencies"]}
+        details = statement["predicate"]["runDetails"]
+        metadata = details["metadata"]
+        summary = {b["name"]: b for b in details["byproducts"]}[_SUMMARY]
+        if summary["digest"]["sha256"] != canonical_digest(summary["annotations"]):
+            raise ValueError("training-summary digest does not match its annotations")
+        atoll_uri = dependencies["atoll"]["uri"]
+        if not atoll_uri.startswith("pkg:pypi/atoll@"):
+            raise ValueError(f"atoll dependency uri {atoll_uri!r}")
+        if not isinstance(external["expertIndex"], int):
+            raise ValueError("externalParameters.expertIndex is not an integer")
+        run = TrainingRun(
+            expert_index=external["expertIndex"],
+            assignment_digest=external["assignmentDigest"]["sha256"],
+            recipe_digest=external["recipeDigest"]["sha256"],
+            base_model_digest=dependencies["base-model"]["digest"]["sha256"],
+            shard_manifest_digest=dependencies["shard-manifest"]["digest"]["sha256"],
+            atoll_version=atoll_uri.removeprefix("pkg:pypi/atoll@"),
+            invocation_id=metadata["invocationId"],
+            started_on=datetime.fromisoformat(metadata["startedOn"]),
+            finished_on=datetime.fromisoformat(metadata["finishedOn"]),
+            steps=summary["annotations"]["steps"],
+            final_loss=float(summary["annotations"]["finalLoss"]),
+            gpus=tuple(summary["annotations"]["gpus"]),
+        )
+        return ExpertProvenance(
+            model_root_digest=check_sha256_hex(subject["digest"]["sha256"], "subject digest"),
+            builder_id=details["builder"]["id"],
+            run=run,
+        )
+    except (KeyError, TypeError, ValueError, InvalidArgument) as error:
+        raise VerificationFailed(
+            f"{PROVENANCE_FILE}: not an atoll SLSA v1 provenance statement "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
+def sign_provenance(
+    provenance: ExpertProvenance, private_key: ec.EllipticCurvePrivateKey
+) -> dict[str, Any]:
+    """The DSSE envelope (a JSON object) of ``provenance``, signed with ``private_key``."""
+    payload = canonical_json(provenance_statement(provenance))
+    signature = ecdsa_sign(private_key, dsse_pae(PAYLOAD_TYPE, payload))
+    return {
+        "payload": base64.b64encode(payload).decode("ascii"),
+        "payloadType": PAYLOAD_TYPE,
+        "signatures": [
+            {
+                "keyid": public_key_id(private_key.public_key()),
+                "sig": base64.b64encode(signature).decode("ascii"),
+            }
+        ],
+    }
+
+
+def _check_expected(provenance: ExpertProvenance, expected: ProvenanceExpectations) -> None:
+    actual = {
+        "model_root_digest": provenance.model_root_digest,
+        "builder_id": provenance.builder_id,
+        **{f.name: getattr(provenance.run, f.name) for f in fields(TrainingRun)},
+    }
+    for field in fields(ProvenanceExpectations):
+        want = getattr(expected, field.name)
+        if want is not None and actual[field.name] != want:
+            raise VerificationFailed(
+                f"{PROVENANCE_FILE}: {field.name.replace('_', ' ')} check: expected {want}, "
+                f"provenance claims {actual[field.name]}"
+            )
+
+
+def verify_provenance(
+    envelope: bytes,
+    public_key: ec.EllipticCurvePublicKey,
+    expected: ProvenanceExpectations | None = None,
+) -> ExpertProvenance:
+    """Verifies a provenance envelope under ``public_key`` and returns what it states.
+
+    Args:
+        envelope: The bytes of ``provenance.sigstore.json``.
+        public_key: The signer's key (from its certificate).
+        expected: Values the statement must carry (expert index, digests, builder...).
+
+    Returns:
+        The statement's content.
+
+    Raises:
+        VerificationFailed: Naming the check (envelope, signature, statement, or the expected
+            field with expected vs. claimed values).
+    """
+    try:
+        document = json.loads(envelope)
+        payload_type = document["payloadType"]
+        payload = base64.b64decode(document["payload"], validate=True)
+        signatures = [
+            (s["keyid"], base64.b64decode(s["sig"], validate=True)) for s in document["signatures"]
+        ]
+    except (KeyError, TypeError, ValueError, binascii.Error) as error:
+        raise VerificationFailed(
+            f"{PROVENANCE_FILE}: not a DSSE envelope ({type(error).__name__}: {error})"
+        ) from error
+    if payload_type != PAYLOAD_TYPE:
+        raise VerificationFailed(
+            f"{PROVENANCE_FILE}: expected payloadType {PAYLOAD_TYPE}, got {payload_type!r}"
+        )
+    keyid = public_key_id(public_key)
+    matching = [sig for sig_keyid, sig in signatures if sig_keyid == keyid]
+    if not matching:
+        found = ", ".join(f"{k[:16]}.." for k, _ in signatures) or "none"
+        raise VerificationFailed(
+            f"{PROVENANCE_FILE}: signature check: no signature with keyid {keyid[:16]}.. "
+            f"(found {found})"
+        )
+    if not any(ecdsa_verify(public_key, sig, dsse_pae(payload_type, payload)) for sig in matching):
+        raise VerificationFailed(
+            f"{PROVENANCE_FILE}: signature check: the DSSE signature does not verify under "
+            f"keyid {keyid[:16]}.."
+        )
+    try:
+        statement = json.loads(payload)
+    except ValueError as error:
+        raise VerificationFailed(f"{PROVENANCE_FILE}: payload is not JSON ({error})") from error
+    provenance = _parse_statement(statement)
+    if expected is not None:
+        _check_expected(provenance, expected)
+    return provenance
+
+
+def sign_expert(
+    model_dir: Path,
+    run: TrainingRun,
+    *,
+    private_key_path: Path,
+    certificate_path: Path,
+    ca_path: Path,
+    max_workers: int | None = None,
+) -> ExpertProvenance:
+    """Signs an expert directory: writes ``model.sig``, then ``provenance.sigstore.json``.
+
+    The builder id is the SPIFFE id of the site certificate; the subject is the root digest
+    that ``model.sig`` signs.
+
+    Args:
+        model_dir: The expert directory (final checkpoint).
+        run: What the site agent records about the training run.
+        private_key_path: The site's PEM P-256 private key.
+        certificate_path: The site certificate (PEM).
+        ca_path: The federation CA certificate (PEM).
+        max_workers: Hashing threads; default one per core.
+
+    Returns:
+        The provenance written.
+    """
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise InvalidArgument(f"{certificate_path}: not a PEM certificate ({error})") from error
+    builder_id = spiffe_id_of(certificate)
+    digests = sign_model(
+        model_dir,
+        private_key_path=private_key_path,
+        certificate_path=certificate_path,
+        ca_path=ca_path,
+        max_workers=max_workers,
+    )
+    provenance = ExpertProvenance(
+        model_root_digest=digests.root_sha256, builder_id=builder_id, run=run
+    )
+    envelope = sign_provenance(provenance, load_private_key(private_key_path))
+    (model_dir / PROVENANCE_FILE).write_text(json.dumps(envelope, indent=2) + "\n")
+    return provenance
+
+
+def verify_expert(
+    model_dir: Path,
+    *,
+    trusted_ca_pem: bytes,
+    expected_certificate: x509.Certificate | None = None,
+    expected: ProvenanceExpectations | None = None,
+    max_workers: int | None = None,
+) -> VerifiedExpert:
+    """Verifies ``model.sig`` and ``provenance.sigstore.json`` of an expert directory.
+
+    Beyond :func:`protocol.signing.verify_model`, checks that the provenance is signed by the
+    same key, names the model's root digest as its subject and the signer's SPIFFE id as its
+    builder, and carries the ``expected`` values.
+
+    Args:
+        model_dir: The expert directory.
+        trusted_ca_pem: The federation CA certificate(s), PEM.
+        expected_certificate: When given, the signer must be this certificate.
+        expected: Values the provenance must carry; its ``builder_id`` also pins the signer.
+        max_workers: Hashing threads; default one per core.
+
+    Returns:
+        The verified model signature and provenance.
+
+    Raises:
+        VerificationFailed: Naming the check and file that failed.
+    """
+    expected = expected or ProvenanceExpectations()
+    model = verify_model(
+        model_dir,
+        trusted_ca_pem=trusted_ca_pem,
+        expected_certificate=expected_certificate,
+        expected_spiffe_id=expected.builder_id,
+        max_workers=max_workers,
+    )
+    try:
+        envelope = (model_dir / PROVENANCE_FILE).read_bytes()
+    except FileNotFoundError as error:
+        raise VerificationFailed(f"{model_dir}: no {PROVENANCE_FILE}") from error
+    public_key = model.signer_certificate.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)  # verify_model checked it
+    if expected.model_root_digest not in (None, model.digests.root_sha256):
+        raise VerificationFailed(
+            f"{PROVENANCE_FILE}: model root digest check: expected "
+            f"{expected.model_root_digest}, model.sig signs {model.digests.root_sha256}"
+        )
+    pinned = ProvenanceExpectations(
+        **{
+            **{f.name: getattr(expected, f.name) for f in fields(ProvenanceExpectations)},
+            "model_root_digest": model.digests.root_sha256,
+            "builder_id": model.signer_spiffe_id,
+        }
+    )
+    provenance = verify_provenance(envelope, public_key, pinned)
+    return VerifiedExpert(model=model, provenance=provenance)

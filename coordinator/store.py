@@ -170,7 +170,7 @@ class Store(abc.ABC):
         """The site's assignment: its existing slot, else the lowest free slot 0..K-1.
 
         Returns None when every slot is held by another site. No plan MUST raise
-        FailedPrecondition. Two sites MUST never hold the same slot, even when racing.
+        FailedPrecondition; a site that is not enrolled MUST raise NotFound. Two sites MUST never hold the same slot, even when racing.
         """
 
     @abc.abstractmethod
@@ -197,8 +197,9 @@ class Store(abc.ABC):
     # -- uploads -------------------------------------------------------------------------
     @abc.abstractmethod
     def begin_upload(self, upload: UploadRecord) -> UploadRecord:
-        """Opens an upload session, or returns the open one with the same site, expert and
-        files (so an interrupted upload resumes with what was already received)."""
+        """Opens an upload session, or returns the open or accepted one with the same site,
+        expert and files (so an interrupted upload resumes with what was already received, and
+        a repeated upload of an accepted expert is a no-op). Rejected sessions are not reused."""
 
     @abc.abstractmethod
     def get_upload(self, upload_id: str) -> UploadRecord | None:

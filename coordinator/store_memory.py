@@ -116,6 +116,8 @@ class MemoryStore(Store):
         with self._lock:
             if self._plan is None:
                 raise FailedPrecondition("no partition plan yet: run `coordinator partition`")
+            if site not in self._sites:
+                raise NotFound(f"no enrolled site named {site!r}")
             existing = self.get_assignment(site)
             if existing is not None:
                 return existing
@@ -149,7 +151,7 @@ class MemoryStore(Store):
         with self._lock:
             for existing in self._uploads.values():
                 if (
-                    existing.state == "open"
+                    existing.state in ("open", "accepted")
                     and existing.site == upload.site
                     and existing.expert_index == upload.expert_index
                     and existing.files == upload.files

@@ -239,6 +239,8 @@ class SqliteStore(Store):
             plan = conn.execute("SELECT digest, num_experts FROM plan WHERE id = 1").fetchone()
             if plan is None:
                 raise FailedPrecondition("no partition plan yet: run `coordinator partition`")
+            if conn.execute("SELECT 1 FROM sites WHERE name = ?", (site,)).fetchone() is None:
+                raise NotFound(f"no enrolled site named {site!r}")
             row = conn.execute("SELECT * FROM assignments WHERE site = ?", (site,)).fetchone()
             if row is not None:
                 return AssignmentRecord(**dict(row))
@@ -310,7 +312,7 @@ class SqliteStore(Store):
         with self._write() as conn:
             row = conn.execute(
                 "SELECT upload_id FROM uploads WHERE site = ? AND expert_index = ? AND "
-                "manifest_key = ? AND state = 'open'",
+                "manifest_key = ? AND state IN ('open', 'accepted') ORDER BY state = 'open'",
                 (upload.site, upload.expert_index, key),
             ).fetchone()
             if row is not None:

@@ -105,6 +105,14 @@ def _federation_of(leaf: x509.Certificate) -> str:
     raise VerificationFailed("coordinator certificate carries no spiffe://<federation>/coordinator")
 
 
+def raise_unless_transient(error: grpc.RpcError) -> None:
+    """Raises the coordinator's answer as a domain error; returns for transport failures, so
+    a resumable transfer can tell "try again" from "no"."""
+    if error.code() in RETRYABLE:
+        return
+    raise error_for_code_name(error.code().name, error.details() or error.code().name) from None
+
+
 @dataclass
 class Retry:
     initial: float = 0.5
@@ -196,7 +204,11 @@ class FederationClient:
 
     def upload_chunks(self, chunks: Iterator[UploadChunk]) -> dict[str, int]:
         """One attempt at streaming chunks (callers resume from BeginUpload on failure)."""
-        reply = self._stub.UploadChunk(serde.chunk_to_pb(c) for c in chunks)
+        try:
+            reply = self._stub.UploadChunk(serde.chunk_to_pb(c) for c in chunks)
+        except grpc.RpcError as error:
+            raise_unless_transient(error)
+            raise
         return serde.received_from_pb(list(reply.received))
 
     def commit_upload(self, upload_id: str) -> CommitResult:

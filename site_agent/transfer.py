@@ -16,9 +16,9 @@ import grpc
 from tqdm import tqdm
 
 from protocol.digests import file_sha256
-from protocol.errors import VerificationFailed, error_for_code_name
+from protocol.errors import VerificationFailed
 from protocol.messages import ArtifactRef, CommitResult, UploadChunk, UploadFile
-from site_agent.client import RETRYABLE, FederationClient
+from site_agent.client import FederationClient, raise_unless_transient
 
 log = logging.getLogger("atoll.site")
 CHUNK_SIZE = 1 << 20
@@ -35,10 +35,6 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
         disable=not enabled,
         leave=False,
     )
-
-
-def _transient(error: grpc.RpcError) -> bool:
-    return error.code() in RETRYABLE
 
 
 def download_artifact(
@@ -73,8 +69,7 @@ def download_artifact(
                         bar.update(len(message.data))
             break
         except grpc.RpcError as error:
-            if not _transient(error):
-                raise error_for_code_name(error.code().name, error.details() or "") from None
+            raise_unless_transient(error)
             log.info("[site] download of %s interrupted (%s); resuming", ref.name, error.code().name)
             sleep(delay)
             delay = min(delay * 2, client.retry.maximum)
@@ -138,8 +133,7 @@ def upload_directory(
                 client.upload_chunks(_chunks(directory, status.upload_id, manifest, status.received, bar))
             break
         except grpc.RpcError as error:
-            if not _transient(error):
-                raise error_for_code_name(error.code().name, error.details() or "") from None
+            raise_unless_transient(error)
             log.info("[site] upload interrupted (%s); resuming", error.code().name)
             sleep(delay)
             delay = min(delay * 2, client.retry.maximum)

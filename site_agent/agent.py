@@ -48,7 +48,10 @@ def enrol(
     """
     token = EnrolmentToken.parse(token_text)
     enrol_at = enrol_address or default_enrol_address(address)
-    ca_pem, federation = fetch_pinned_ca(enrol_at, token.ca_sha256)
+    retry = retry or Retry()
+    ca_pem, federation = retry.run(
+        "TLS first contact", lambda: fetch_pinned_ca(enrol_at, token.ca_sha256)
+    )
     key = load_private_key(workdir.key) if workdir.key.exists() else new_p256_key()
     write_private(workdir.key, private_key_pem(key))
     csr = (

@@ -129,14 +129,15 @@ class Retry:
                 code = error.code()
                 if code not in RETRYABLE:
                     raise error_for_code_name(code.name, error.details() or code.name) from None
-                elapsed = time.monotonic() - started
-                if self.give_up_after is not None and elapsed >= self.give_up_after:
-                    raise Unavailable(
-                        f"{what}: coordinator unreachable for {elapsed:.0f}s ({error.details()})"
-                    ) from None
-                log.info("[site] %s: %s, retrying in %.1fs", what, code.name, delay)
-                sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.maximum)
+                reason = f"{code.name} ({error.details()})"
+            except Unavailable as error:
+                reason = str(error)
+            elapsed = time.monotonic() - started
+            if self.give_up_after is not None and elapsed >= self.give_up_after:
+                raise Unavailable(f"{what}: coordinator unreachable for {elapsed:.0f}s: {reason}")
+            log.info("[site] %s: %s, retrying in %.1fs", what, reason, delay)
+            sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.maximum)
 
 
 class FederationClient:

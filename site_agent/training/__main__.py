@@ -1,0 +1,90 @@
+"""Entry point: ``python -m site_agent.training --recipe FILE --shard FILE --output DIR ...``.
+
+Parse, build, train, close. Every setting lives in the recipe; the flags only say which files
+to use, so that a supervisor can restart the same command after a crash (with ``--resume``).
+Exit codes come from :mod:`protocol.exit_codes`; progress goes out as JSON lines (see
+:class:`~site_agent.training.trainer.ProgressLog`), human-readable errors to standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from protocol.errors import AtollError
+from protocol.exit_codes import ExitCode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (pinned by a test: new options belong in the recipe)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m site_agent.training",
+        description="Train one expert on its shard (a child process of the site agent).",
+    )
+    parser.add_argument("--recipe", type=Path, required=True, help="training recipe (YAML)")
+    parser.add_argument("--shard", type=Path, required=True, help="shard manifest expert-<k>.json")
+    parser.add_argument(
+        "--image-root", type=Path, default=None, help="directory the shard's images are under"
+    )
+    parser.add_argument("--output", type=Path, required=True, help="run directory")
+    parser.add_argument(
+        "--base-model", type=Path, default=None, help="local base checkpoint directory"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint"
+    )
+    parser.add_argument(
+        "--progress",
+        default="-",
+        help="where JSON-line progress goes: '-' for standard output (default) or a file",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one training job; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    # Imported after parsing so that --help and usage errors answer without loading torch.
+    from site_agent.training.data import load_shard_manifest
+    from site_agent.training.recipe import load_recipe
+    from site_agent.training.trainer import ProgressLog, TrainingJob, run_training
+
+    progress = ProgressLog.open(args.progress)
+    try:
+        recipe, recipe_sha256 = load_recipe(args.recipe)
+        job = TrainingJob(
+            recipe=recipe,
+            recipe_sha256=recipe_sha256,
+            recipe_dir=args.recipe.resolve().parent,
+            shard=load_shard_manifest(args.shard),
+            image_root=args.image_root,
+            output=args.output,
+            base_model=args.base_model,
+            resume=args.resume,
+        )
+        _quiet_libraries()
+        run_training(job, progress)
+        return int(ExitCode.OK)
+    except AtollError as error:
+        progress.error(error)
+        print(f"site_agent.training: {error}", file=sys.stderr)
+        return int(error.exit_code)
+    except KeyboardInterrupt:
+        print("site_agent.training: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    finally:
+        progress.close()
+
+
+def _quiet_libraries() -> None:
+    # Progress is reported as JSON lines; transformers' own bars and info logs are noise here.
+    from transformers.utils import logging
+
+    logging.set_verbosity_warning()
+    logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -153,5 +153,7 @@ class CertificateAuthority:
         )
 
 
-def load_ca(federation: str, key: ec.EllipticCurvePrivateKey, cert_pem: bytes) -> CertificateAuthority:
+def load_ca(
+    federation: str, key: ec.EllipticCurvePrivateKey, cert_pem: bytes
+) -> CertificateAuthority:
     return CertificateAuthority(federation, key, load_certificate(cert_pem, "federation CA"))

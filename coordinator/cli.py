@@ -111,9 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="serve the federation over gRPC + mutual TLS")
     p.add_argument("--state", required=True)
-    p.add_argument(
-        "--listen", default="0.0.0.0:7443", help="HOST:PORT for mutual-TLS site calls"
-    )
+    p.add_argument("--listen", default="0.0.0.0:7443", help="HOST:PORT for mutual-TLS site calls")
     p.add_argument(
         "--enrol-listen", help="HOST:PORT for enrolment (server TLS only; default PORT+1)"
     )

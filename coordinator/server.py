@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -69,7 +69,8 @@ class Coordinator:
 
     def caller(self, context: grpc.ServicerContext) -> SiteRecord:
         """The enrolled, current, unrevoked site whose certificate made this call."""
-        pems = context.auth_context().get("x509_pem_cert")
+        # grpc-stubs types the values as bytes; gRPC returns a list of bytes per property.
+        pems = cast(list[bytes], context.auth_context().get("x509_pem_cert"))
         if not pems:
             raise Unauthenticated(
                 f"this call needs mutual TLS with a site certificate of federation "
@@ -118,7 +119,9 @@ class FederationServicer(pb_grpc.FederationServicer):
             result = enrolment.enroll(
                 self.c.store, self.c.ca, request.token, request.site_name, request.csr_pem
             )
-            log.info("[Federation.Enroll] site %s enrolled as %s", request.site_name, result.spiffe_id)
+            log.info(
+                "[Federation.Enroll] site %s enrolled as %s", request.site_name, result.spiffe_id
+            )
             return serde.enrolment_to_pb(result)
 
         return _handle(context, "Enroll", run)
@@ -205,7 +208,9 @@ class FederationServicer(pb_grpc.FederationServicer):
                 self.c.acceptance_checks,
             )
             verdict = "accepted" if result.accepted else f"not accepted: {result.reason}"
-            log.info("[Federation.CommitUpload] %s from %s %s", request.upload_id, site.name, verdict)
+            log.info(
+                "[Federation.CommitUpload] %s from %s %s", request.upload_id, site.name, verdict
+            )
             return serde.commit_to_pb(result)
 
         return _handle(context, "CommitUpload", run)

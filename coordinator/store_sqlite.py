@@ -134,7 +134,9 @@ class SqliteStore(Store):
     # -- tokens and sites ----------------------------------------------------------------
     def add_token(self, token: TokenRecord) -> None:
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM tokens WHERE token_id = ?", (token.token_id,)).fetchone():
+            if conn.execute(
+                "SELECT 1 FROM tokens WHERE token_id = ?", (token.token_id,)
+            ).fetchone():
                 raise AlreadyExists(f"token id {token.token_id} already exists")
             conn.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -192,7 +194,10 @@ class SqliteStore(Store):
     # -- heartbeats ----------------------------------------------------------------------
     def record_heartbeat(self, heartbeat: HeartbeatRecord) -> None:
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM sites WHERE name = ?", (heartbeat.site,)).fetchone() is None:
+            if (
+                conn.execute("SELECT 1 FROM sites WHERE name = ?", (heartbeat.site,)).fetchone()
+                is None
+            ):
                 raise NotFound(f"no enrolled site named {heartbeat.site!r}")
             conn.execute(
                 "INSERT OR REPLACE INTO heartbeats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -283,7 +288,9 @@ class SqliteStore(Store):
         return ArtifactRecord(**dict(rows[0])) if rows else None
 
     def list_artifacts(self) -> list[ArtifactRecord]:
-        return [ArtifactRecord(**dict(r)) for r in self._read("SELECT * FROM artifacts ORDER BY name")]
+        return [
+            ArtifactRecord(**dict(r)) for r in self._read("SELECT * FROM artifacts ORDER BY name")
+        ]
 
     # -- uploads -------------------------------------------------------------------------
     def _upload(self, conn: sqlite3.Connection, upload_id: str) -> UploadRecord | None:

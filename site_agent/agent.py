@@ -20,7 +20,13 @@ from cryptography.x509.oid import NameOID
 from protocol.errors import FailedPrecondition, VerificationFailed
 from protocol.identity import EnrolmentToken
 from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
-from protocol.x509 import load_private_key, new_p256_key, private_key_pem, write_private, write_public
+from protocol.x509 import (
+    load_private_key,
+    new_p256_key,
+    private_key_pem,
+    write_private,
+    write_public,
+)
 from site_agent.client import FederationClient, Retry, fetch_pinned_ca, split_address
 from site_agent.transfer import download_artifact
 from site_agent.workdir import SiteIdentity, Workdir
@@ -71,7 +77,9 @@ def enrol(
     return identity
 
 
-def connect(workdir: Workdir, address: str | None = None, retry: Retry | None = None) -> FederationClient:
+def connect(
+    workdir: Workdir, address: str | None = None, retry: Retry | None = None
+) -> FederationClient:
     """A mutual-TLS client from the workdir's certificate (``address`` overrides site.json)."""
     identity = workdir.identity()
     return FederationClient(
@@ -131,7 +139,9 @@ class Agent:
             "expert_index": reply.expert_index,
             "num_experts": reply.num_experts,
             "plan_digest": reply.plan_digest,
-            "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in reply.artifacts],
+            "artifacts": [
+                {"name": a.name, "size": a.size, "sha256": a.sha256} for a in reply.artifacts
+            ],
         }
         self.workdir.save_assignment(document)
         self._set_phase("assigned", f"expert {reply.expert_index} of {reply.num_experts}")

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("join", help="enrol (once) and work for the federation")
     p.add_argument("--coordinator", help="HOST:PORT of the coordinator (default: the enrolled one)")
     p.add_argument("--token", help="enrolment token from `coordinator invite` (first run only)")
-    p.add_argument("--enrol-address", help="HOST:PORT for enrolment (default: --coordinator's port + 1)")
+    p.add_argument(
+        "--enrol-address", help="HOST:PORT for enrolment (default: --coordinator's port + 1)"
+    )
     p.add_argument("--workdir", required=True, help="the site's working directory")
     p.add_argument("--until", choices=PHASES, help="exit 0 once this phase is reached")
     p.set_defaults(fn=cmd_join)

@@ -119,7 +119,9 @@ class Retry:
     maximum: float = 30.0
     give_up_after: float | None = None  # seconds; None retries for as long as it takes
 
-    def run(self, what: str, call: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+    def run(
+        self, what: str, call: Callable[[], T], sleep: Callable[[float], None] = time.sleep
+    ) -> T:
         delay = self.initial
         started = time.monotonic()
         while True:
@@ -193,7 +195,9 @@ class FederationClient:
 
     def download_stream(self, name: str, offset: int) -> Iterator[pb.DownloadArtifactResponse]:
         """One attempt at streaming ``name`` from ``offset`` (callers resume on failure)."""
-        return iter(self._stub.DownloadArtifact(pb.DownloadArtifactRequest(name=name, offset=offset)))
+        return iter(
+            self._stub.DownloadArtifact(pb.DownloadArtifactRequest(name=name, offset=offset))
+        )
 
     def begin_upload(self, expert_index: int, files: list[UploadFile]) -> UploadStatus:
         request = pb.BeginUploadRequest(
@@ -219,5 +223,7 @@ class FederationClient:
         )
 
     def get_ensemble(self) -> EnsembleInfo:
-        reply = self.retry.run("GetEnsemble", lambda: self._stub.GetEnsemble(pb.GetEnsembleRequest()))
+        reply = self.retry.run(
+            "GetEnsemble", lambda: self._stub.GetEnsemble(pb.GetEnsembleRequest())
+        )
         return serde.ensemble_from_pb(reply)

@@ -70,7 +70,9 @@ def download_artifact(
             break
         except grpc.RpcError as error:
             raise_unless_transient(error)
-            log.info("[site] download of %s interrupted (%s); resuming", ref.name, error.code().name)
+            log.info(
+                "[site] download of %s interrupted (%s); resuming", ref.name, error.code().name
+            )
             sleep(delay)
             delay = min(delay * 2, client.retry.maximum)
     actual = file_sha256(part)
@@ -130,7 +132,9 @@ def upload_directory(
         done = sum(min(status.received.get(f.path, 0), f.size) for f in manifest)
         try:
             with _progress(total, done, f"upload expert-{expert_index}", progress) as bar:
-                client.upload_chunks(_chunks(directory, status.upload_id, manifest, status.received, bar))
+                client.upload_chunks(
+                    _chunks(directory, status.upload_id, manifest, status.received, bar)
+                )
             break
         except grpc.RpcError as error:
             raise_unless_transient(error)
@@ -141,4 +145,3 @@ def upload_directory(
     if not result.accepted:
         log.warning("[site] upload %s not accepted: %s", status.upload_id, result.reason)
     return result
-

@@ -57,7 +57,9 @@ class Running:
             path.write_bytes(data)
             expert = int(name.split("-")[1].split(".")[0]) if name.startswith("expert-") else None
             register_artifact(self.state, store, f"partition/{name}", path, expert=expert)
-        store.put_plan(PlanRecord(digest="ab" * 32, num_experts=num_experts, created_at=time.time()))
+        store.put_plan(
+            PlanRecord(digest="ab" * 32, num_experts=num_experts, created_at=time.time())
+        )
 
 
 FAST_FAIL = Retry(initial=0.05, maximum=0.2, give_up_after=2.0)
@@ -78,4 +80,3 @@ def running(federation: StateDir) -> Iterator[Running]:
     finally:
         bound.server.stop(grace=None).wait()
         coordinator.store.close()
-

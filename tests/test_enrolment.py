@@ -87,13 +87,11 @@ def test_unknown_and_wrong_secret_tokens(running: Any, tmp_path: Path) -> None:
     ],
 )
 def test_malformed_tokens(text: str) -> None:
-    with pytest.raises(InvalidArgument, match="token|site name"):
+    with pytest.raises(InvalidArgument, match=r"token|site name"):
         EnrolmentToken.parse(text)
 
 
-def test_ca_pin_mismatch_refuses_before_sending_anything(
-    running: Any, tmp_path: Path
-) -> None:
+def test_ca_pin_mismatch_refuses_before_sending_anything(running: Any, tmp_path: Path) -> None:
     other = init_federation(tmp_path / "other", "otherfed")
     other_store = other.open_store()
     foreign = enrolment.invite(other_store, load_authority(other), "alpha", 3600)
@@ -114,11 +112,15 @@ def _raw_enroll(running: Any, request: pb.EnrollRequest) -> None:
 def test_token_for_another_site_and_bad_csr(running: Any) -> None:
     token = EnrolmentToken.parse(running.invite("alpha"))
     with pytest.raises(grpc.RpcError) as info:
-        _raw_enroll(running, pb.EnrollRequest(token=token.credential, site_name="beta", csr_pem=b"x"))
+        _raw_enroll(
+            running, pb.EnrollRequest(token=token.credential, site_name="beta", csr_pem=b"x")
+        )
     assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "issued for site 'alpha', not 'beta'" in (info.value.details() or "")
     with pytest.raises(grpc.RpcError) as info:
-        _raw_enroll(running, pb.EnrollRequest(token=token.credential, site_name="alpha", csr_pem=b"x"))
+        _raw_enroll(
+            running, pb.EnrollRequest(token=token.credential, site_name="alpha", csr_pem=b"x")
+        )
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "csr_pem" in (info.value.details() or "")
     assert running.coordinator.store.get_token(token.token_id).used_at is None
@@ -155,12 +157,13 @@ def test_certificate_from_another_ca_is_refused(running: Any, tmp_path: Path) ->
 
 def test_calls_without_client_certificate(running: Any) -> None:
     ca_pem = running.coordinator.ca.cert.public_bytes(serialization.Encoding.PEM)
-    with FederationClient(running.address, "testfed", ca_pem, retry=FAST) as client:
-        with pytest.raises(Unavailable):  # the mutual-TLS port refuses the handshake
-            client.get_assignment()
-    with FederationClient(running.enrol_address, "testfed", ca_pem, retry=FAST) as client:
-        with pytest.raises(Unauthenticated, match="needs mutual TLS"):
-            client.get_assignment()
+    # The mutual-TLS port refuses the handshake; the enrolment port serves only Enroll.
+    mtls = FederationClient(running.address, "testfed", ca_pem, retry=FAST)
+    with mtls, pytest.raises(Unavailable):
+        mtls.get_assignment()
+    plain = FederationClient(running.enrol_address, "testfed", ca_pem, retry=FAST)
+    with plain, pytest.raises(Unauthenticated, match="needs mutual TLS"):
+        plain.get_assignment()
 
 
 def test_superseded_certificate_and_revocation(running: Any, tmp_path: Path) -> None:

@@ -127,10 +127,18 @@ def test_two_sites_survive_a_coordinator_restart(tmp_path: Path) -> None:
         assert after == serials  # nobody enrolled again
         for name in "ab":
             site_status = json.loads(
-                run(str(BIN / "site-agent"), "status", "--workdir", str(tmp_path / f"site-{name}"), "--json")
+                run(
+                    str(BIN / "site-agent"),
+                    "status",
+                    "--workdir",
+                    str(tmp_path / f"site-{name}"),
+                    "--json",
+                )
             )
             assert site_status["phase"] == "ready"
-            assert (tmp_path / f"site-{name}" / "artifacts" / "partition" / "centroids.safetensors").exists()
+            assert (
+                tmp_path / f"site-{name}" / "artifacts" / "partition" / "centroids.safetensors"
+            ).exists()
     finally:
         for site in sites:
             site.send_signal(signal.SIGTERM)

@@ -18,7 +18,7 @@ from site_agent.client import Retry
 from site_agent.transfer import directory_manifest, download_artifact, upload_directory
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tcp_proxy import CuttingProxy  # noqa: E402
+from tcp_proxy import CuttingProxy
 
 
 def assigned_site(running: Any, tmp_path: Path, name: str = "alpha") -> Any:
@@ -39,7 +39,7 @@ def expert_dir(root: Path, sizes: dict[str, int]) -> Path:
 def test_download_verifies_and_resumes(running: Any, tmp_path: Path) -> None:
     payload = os.urandom(3 * (1 << 20) + 17)
     running.add_plan(2, {"centroids.safetensors": payload, "expert-1.json": b"{}"})
-    workdir, client = assigned_site(running, tmp_path)
+    _workdir, client = assigned_site(running, tmp_path)
     reply = client.get_assignment()
     names = {a.name for a in reply.artifacts}
     assert names == {"partition/centroids.safetensors"}  # expert-1's shard is not ours

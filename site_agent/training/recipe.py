@@ -152,8 +152,9 @@ class TrainingSettings(_Strict):
     global_batch_size: int = Field(default=128, ge=1)
     per_device_batch_size: int = Field(default=16, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
-    # Which knob match-dense-steps turns: LLaVA halves the per-device batch, InternVL (per-device
-    # batch 1) halves the gradient accumulation.
+    # Which knob match-dense-steps turns: LLaVA halves the per-device batch (never above
+    # per_device_batch_size; accumulation covers a site with fewer devices), InternVL
+    # (per-device batch 1) halves the gradient accumulation.
     scale: Literal["per-device-batch", "gradient-accumulation"] = "per-device-batch"
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)  # overrides the schedule (smoke runs only)

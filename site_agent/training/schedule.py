@@ -96,6 +96,10 @@ def plan_schedule(
         # The global batch that spreads this shard's epochs over exactly dense_steps steps.
         wanted = shard_samples * settings.epochs / dense_steps
         if settings.scale == "per-device-batch":
+            # The recipe's per-device batch is what fits in one device's memory: shrink it (the
+            # paper's K = 2 halving on the dense run's devices), and when this site has fewer
+            # devices than that, accumulate gradients rather than overflow memory.
+            accumulation = max(1, math.ceil(wanted / (world_size * per_device)))
             per_device = max(1, round(wanted / (world_size * accumulation)))
         else:
             accumulation = max(1, round(wanted / (world_size * per_device)))

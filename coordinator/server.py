@@ -42,7 +42,7 @@ from protocol.x509 import (
 
 log = logging.getLogger("atoll.coordinator")
 T = TypeVar("T")
-MAX_MESSAGE_BYTES = 8 << 20
+MAX_MESSAGE_BYTES = 16 << 20
 
 
 @dataclass

@@ -24,7 +24,7 @@ from protocol.errors import FailedPrecondition, InvalidArgument, NotFound, Permi
 from protocol.messages import CommitResult, UploadChunk, UploadFile, UploadStatus
 
 MAX_FILES = 10_000
-MAX_CHUNK = 4 << 20
+MAX_CHUNK = 8 << 20
 
 # Extra checks run on an upload whose sizes and digests are right (signatures, provenance):
 # each returns None to accept or a reason naming the check and file to reject.

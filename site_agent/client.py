@@ -47,7 +47,7 @@ RETRYABLE = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.CANCELLED,
 }
-MAX_MESSAGE_BYTES = 8 << 20
+MAX_MESSAGE_BYTES = 16 << 20
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -21,7 +21,7 @@ from protocol.messages import ArtifactRef, CommitResult, UploadChunk, UploadFile
 from site_agent.client import FederationClient, raise_unless_transient
 
 log = logging.getLogger("atoll.site")
-CHUNK_SIZE = 1 << 20
+CHUNK_SIZE = 4 << 20
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:

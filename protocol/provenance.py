@@ -385,7 +385,7 @@ def sign_expert(
         private_key_path: The site's PEM P-256 private key.
         certificate_path: The site certificate (PEM).
         ca_path: The federation CA certificate (PEM).
-        max_workers: Hashing threads; default one per core.
+        max_workers: Hashing threads; default cores + 4.
 
     Returns:
         The provenance written.
@@ -429,7 +429,7 @@ def verify_expert(
         trusted_ca_pem: The federation CA certificate(s), PEM.
         expected_certificate: When given, the signer must be this certificate.
         expected: Values the provenance must carry; its ``builder_id`` also pins the signer.
-        max_workers: Hashing threads; default one per core.
+        max_workers: Hashing threads; default cores + 4.
 
     Returns:
         The verified model signature and provenance.

@@ -49,7 +49,7 @@ def _stamp(i: int) -> str:
 def _log_with_checkpoints(
     key: ec.EllipticCurvePrivateKey, events: list[AuditEvent], at_sizes: list[int]
 ) -> tuple[AuditLog, list[Checkpoint]]:
-    log, checkpoints = AuditLog(LOG_ID), []
+    log, checkpoints = AuditLog(LOG_ID), list[Checkpoint]()
     for event in events:
         log.append(event)
         if log.size in at_sizes:

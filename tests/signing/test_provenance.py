@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from securesystemslib.dsse import Envelope
@@ -114,7 +115,7 @@ def test_verify_expert_round_trips_and_checks_expectations(
     ],
 )
 def test_provenance_that_does_not_match_the_assignment(
-    expert_dir: Path, pki: Pki, run: TrainingRun, field: str, value: object, check: str
+    expert_dir: Path, pki: Pki, run: TrainingRun, field: str, value: Any, check: str
 ) -> None:
     # Validly signed by site a, but claiming values the coordinator did not issue.
     _sign_expert(expert_dir, dataclasses.replace(run, **{field: value}), pki.site_a)

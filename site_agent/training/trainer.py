@@ -199,6 +199,22 @@ class _ExpertTrainer(Trainer):
         self.optimizer = optimizer
         return optimizer
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # transformers 5.x writes checkpoints with save_pretrained, which renames LLaVA's and
+        # InternVL's weights to their original checkpoint names, but reads them back with a
+        # plain load_state_dict(strict=False): every weight is silently skipped and the run
+        # "resumes" from the initial weights. from_pretrained knows the renaming; load through
+        # it, strictly. (peft adapters and DeepSpeed checkpoints take their own paths.)
+        from transformers import PreTrainedModel
+
+        target = self.model if model is None else model
+        if not isinstance(target, PreTrainedModel):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        restored = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        target.load_state_dict(restored.state_dict(), strict=True)
+        del restored
+
 
 @dataclass(frozen=True)
 class TrainingJob:

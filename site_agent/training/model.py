@@ -29,6 +29,7 @@ from site_agent.training.recipe import (
 
 __all__ = [
     "build_tiny_processor",
+    "check_model_directory",
     "count_parameters",
     "freeze_parameters",
     "is_projector_parameter",
@@ -226,7 +227,8 @@ def _build_tiny_model(architecture: Architecture, size: TinyModelSize, processor
     return LlamaForCausalLM(LlamaConfig(**text))
 
 
-def _check_model_directory(path: Path) -> None:
+def check_model_directory(path: Path) -> None:
+    """Raises NotFound unless ``path`` is a Hugging Face model directory (has config.json)."""
     if not (path / "config.json").is_file():
         raise NotFound(
             f"base model {path}: expected a Hugging Face model directory with config.json"
@@ -253,7 +255,7 @@ def load_processor(settings: ModelSettings, base_model: Path | None) -> Any:
         return build_tiny_processor(settings.architecture, settings.tiny or TinyModelSize())
     from transformers import AutoProcessor, AutoTokenizer
 
-    _check_model_directory(base_model)
+    check_model_directory(base_model)
     loader: Any = (
         AutoTokenizer if settings.architecture is Architecture.CAUSAL_LM else AutoProcessor
     )
@@ -304,7 +306,7 @@ def load_model(
         LlavaForConditionalGeneration,
     )
 
-    _check_model_directory(base_model)
+    check_model_directory(base_model)
     loader: Any = {
         Architecture.LLAVA: LlavaForConditionalGeneration,
         Architecture.INTERNVL: InternVLForConditionalGeneration,

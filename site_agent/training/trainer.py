@@ -43,6 +43,7 @@ from site_agent.training.data import (
     verify_shard,
 )
 from site_agent.training.model import (
+    check_model_directory,
     count_parameters,
     is_projector_parameter,
     load_model,
@@ -75,6 +76,7 @@ class ProgressLog:
         self._stream = stream
         self._owned = owned
         self._enabled = parallelize.is_main_process()
+        self._replaced_stdout: TextIO | None = None
 
     @classmethod
     def open(cls, target: str) -> ProgressLog:
@@ -86,8 +88,10 @@ class ProgressLog:
         if target == "-":
             stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
             sys.stdout.flush()
+            log = cls(stream, owned=True)
+            log._replaced_stdout = sys.stdout
             sys.stdout = sys.stderr
-            return cls(stream, owned=True)
+            return log
         path = Path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
         return cls(path.open("a", buffering=1), owned=True)
@@ -110,7 +114,10 @@ class ProgressLog:
         )
 
     def close(self) -> None:
-        """Closes the stream if this log opened it."""
+        """Closes the stream if this log opened it, and gives ``sys.stdout`` back."""
+        if self._replaced_stdout is not None:
+            sys.stdout = self._replaced_stdout
+            self._replaced_stdout = None
         if self._owned and not self._stream.closed:
             self._stream.close()
 
@@ -199,7 +206,9 @@ class _ExpertTrainer(Trainer):
         self.optimizer = optimizer
         return optimizer
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
         # transformers 5.x writes checkpoints with save_pretrained, which renames LLaVA's and
         # InternVL's weights to their original checkpoint names, but reads them back with a
         # plain load_state_dict(strict=False): every weight is silently skipped and the run
@@ -405,6 +414,8 @@ def run_training(job: TrainingJob, progress: ProgressLog) -> Path:
         # Finished before (e.g. the supervisor restarted after the last save): nothing to do.
         progress.emit("done", model_dir=str(final), **previous["result"])
         return final
+    if job.base_model is not None:
+        check_model_directory(job.base_model)  # seconds, before hashing a shard's images
     device = parallelize.resolve_device(recipe.training)
     bf16 = parallelize.uses_bf16(recipe.training, device)
     deepspeed = parallelize.deepspeed_config(recipe.training, job.recipe_dir, device)

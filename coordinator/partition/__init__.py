@@ -1,0 +1,1 @@
+"""Partitioning: split a multimodal dataset into K equal, coherent clusters, one per expert."""

@@ -2,8 +2,10 @@
 
 Parse, build, train, close. Every setting lives in the recipe; the flags only say which files
 to use, so that a supervisor can restart the same command after a crash (with ``--resume``).
-Exit codes come from :mod:`protocol.exit_codes`; progress goes out as JSON lines (see
-:class:`~site_agent.training.trainer.ProgressLog`), human-readable errors to standard error.
+Exit codes come from :mod:`protocol.exit_codes` (0 done, 3 bad input, 4 not found, 7 wrong
+state, 8 digest mismatch, 130 stopped by SIGTERM after a checkpoint, 1 anything unexpected);
+progress goes out as JSON lines (see :class:`~site_agent.training.trainer.ProgressLog`),
+human-readable errors to standard error.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported after parsing so that --help and usage errors answer without loading torch.
     from site_agent.training.data import load_shard_manifest
     from site_agent.training.recipe import load_recipe
-    from site_agent.training.trainer import ProgressLog, TrainingJob, run_training
+    from site_agent.training.trainer import (
+        ProgressLog,
+        TrainingJob,
+        TrainingStopped,
+        run_training,
+    )
 
     progress = ProgressLog.open(args.progress)
     try:
@@ -71,9 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.error(error)
         print(f"site_agent.training: {error}", file=sys.stderr)
         return int(error.exit_code)
+    except TrainingStopped as stopped:
+        print(f"site_agent.training: {stopped}", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
     except KeyboardInterrupt:
         print("site_agent.training: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    except Exception as error:
+        # A bug or an environment failure: tell the supervisor, keep the traceback for people.
+        message = f"{type(error).__name__}: {error}"
+        progress.emit("error", error="unexpected", message=message, exit_code=int(ExitCode.ERROR))
+        raise
     finally:
         progress.close()
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -52,7 +53,13 @@ from site_agent.training.model import (
 from site_agent.training.recipe import Recipe
 from site_agent.training.schedule import Schedule, plan_schedule
 
-__all__ = ["ProgressLog", "TrainingJob", "last_complete_checkpoint", "run_training"]
+__all__ = [
+    "ProgressLog",
+    "TrainingJob",
+    "TrainingStopped",
+    "last_complete_checkpoint",
+    "run_training",
+]
 
 RUN_FORMAT = "atoll.training-run.v1"
 _CHECKPOINT_PREFIX = "checkpoint-"
@@ -64,7 +71,9 @@ class ProgressLog:
     Every line has ``event`` and ``time`` (Unix seconds). Events: ``phase`` (``phase``),
     ``start``, ``progress`` (``step``, ``total_steps``, ``loss``, ``learning_rate``,
     ``tokens_per_second``, ``eta_seconds``, ``epoch``, ``tokens_seen``), ``checkpoint``
-    (``step``, ``path``), ``done`` and ``error`` (``error``, ``message``, ``exit_code``).
+    (``step``, ``path``), ``stopped`` (``step``, ``checkpoint``: SIGTERM was honoured),
+    ``done`` (``model_dir``, ``step``, ``total_steps``, ``final_loss``, ``mean_loss``,
+    ``seconds``) and ``error`` (``error``, ``message``, ``exit_code``).
     Only the main process (rank 0) writes.
 
     Args:
@@ -223,6 +232,41 @@ class _ExpertTrainer(Trainer):
         restored = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
         target.load_state_dict(restored.state_dict(), strict=True)
         del restored
+
+
+class TrainingStopped(Exception):
+    """Training stopped early on request (SIGTERM) after saving a checkpoint to resume from."""
+
+
+class _StopOnSigterm(TrainerCallback):
+    """SIGTERM (the supervisor's stop, a Slurm preemption): finish the optimizer step under way,
+    save a regular checkpoint at that clean step boundary, and stop, instead of dying and
+    losing up to ``save_steps`` steps.
+
+    Single-process runs only: under torchrun the ranks could see the signal at different steps
+    and disagree about where to stop, so there the signal keeps its default meaning.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnSigterm:
+        if parallelize.world_size() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 @dataclass(frozen=True)
@@ -442,13 +486,14 @@ def run_training(job: TrainingJob, progress: ProgressLog) -> Path:
         _write_json(job.output / "run.json", record)
 
     reporter = _ProgressReporter(progress)
+    stop = _StopOnSigterm()
     tokenizer = getattr(processor, "tokenizer", processor)
     trainer = _ExpertTrainer(
         model=model,
         args=arguments,
         train_dataset=dataset,
         data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
-        callbacks=[reporter],
+        callbacks=[reporter, stop],
         projector_learning_rate=recipe.training.projector_learning_rate,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
@@ -463,7 +508,12 @@ def run_training(job: TrainingJob, progress: ProgressLog) -> Path:
     )
     progress.emit("phase", phase="training")
     started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with stop:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if output.global_step < schedule.total_steps:
+        saved = job.output / "checkpoints" / f"{_CHECKPOINT_PREFIX}{output.global_step}"
+        progress.emit("stopped", step=int(output.global_step), checkpoint=str(saved))
+        raise TrainingStopped(f"stopped at step {output.global_step}; resume with --resume")
 
     progress.emit("phase", phase="saving")
     final = _save_final_model(trainer, processor, job)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from protocol.exit_codes import ExitCode
 from site_agent.training.model import load_model, load_processor, materialize_tiny_base
 from site_agent.training.recipe import load_recipe
+from site_agent.training.trainer import last_complete_checkpoint
 
 from .synthetic import (
     REPO,
@@ -266,6 +267,36 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(
         "checkpoint-20",
         "checkpoint-24",
     ]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_then_resume_matches(
+    tmp: Path, image_shard: Shard, llava_run: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    reference, _ = llava_run
+    output, progress = tmp / "run-stopped", tmp / "stopped.progress.jsonl"
+    arguments = ["--recipe", str(tmp / "llava.yaml"), "--shard", str(image_shard.manifest)]
+    arguments += ["--image-root", str(image_shard.image_root), "--output", str(output)]
+    command = [sys.executable, "-m", "site_agent.training", *arguments, "--progress", str(progress)]
+    with (tmp / "stopped.stderr").open("wb") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, stderr=stderr, env=ONE_THREAD)
+        try:
+            _wait_for(progress, process, lambda e: e.get("step", 0) >= 7, 240)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=120) == ExitCode.INTERRUPTED
+        finally:
+            process.kill()
+    stopped = read_events(progress)[-1]
+    assert stopped["event"] == "stopped" and 7 <= stopped["step"] < 24
+    assert last_complete_checkpoint(output / "checkpoints") == Path(stopped["checkpoint"])
+    assert not (output / "model").exists()
+
+    code, events = run_entry_point([*arguments, "--resume"], progress)
+    assert code == 0
+    after = [e["step"] for e in events[events.index(stopped) :] if e["event"] == "progress"]
+    assert after == list(range(stopped["step"] + 1, 25))
+    expected = load_file(reference / "model" / "model.safetensors")
+    actual = load_file(output / "model" / "model.safetensors")
+    assert all(torch.allclose(expected[k], actual[k], atol=1e-6) for k in expected)
 
 
 def test_finished_run_resumed_again_reports_done_without_training(

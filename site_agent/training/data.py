@@ -52,7 +52,9 @@ __all__ = [
     "ShardManifest",
     "build_dataset",
     "collate",
+    "conversation_messages",
     "load_shard_manifest",
+    "sample_images",
     "verify_images",
     "verify_shard",
 ]
@@ -196,16 +198,15 @@ def verify_images(manifest: ShardManifest, image_root: Path, workers: int = 8) -
                     f"gives {seen[0][:16]}.."
                 )
 
-    def check(item: tuple[str, tuple[str, str]]) -> str | None:
+    def check(item: tuple[str, tuple[str, str]]) -> AtollError | None:
         relative, (digest, where) = item
         path = _resolve_image(image_root, relative, where)
         if not path.is_file():
-            return f"NotFound:{where}: image {relative!r} not found under {image_root}"
+            return NotFound(f"{where}: image {relative!r} not found under {image_root}")
         actual = file_sha256(path)
         if actual != digest:
-            return (
-                f"VerificationFailed:{where}: image {relative!r}: expected sha256 "
-                f"{digest[:16]}.., got {actual[:16]}.."
+            return VerificationFailed(
+                f"{where}: image {relative!r}: expected sha256 {digest[:16]}.., got {actual[:16]}.."
             )
         return None
 
@@ -213,12 +214,12 @@ def verify_images(manifest: ShardManifest, image_root: Path, workers: int = 8) -
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = [p for p in pool.map(check, sorted(expected.items())) if p is not None]
     if problems:
-        kind, _, first = problems[0].partition(":")
-        more = f" (and {len(problems) - 1} more image problems)" if len(problems) > 1 else ""
-        error: type[AtollError] = NotFound if kind == "NotFound" else VerificationFailed
-        if any(p.startswith("VerificationFailed") for p in problems):
-            error = VerificationFailed
-        raise error(first + more)
+        # A changed image is the graver finding (tampering or corruption): report it first.
+        problems.sort(key=lambda problem: not isinstance(problem, VerificationFailed))
+        first = problems[0]
+        if len(problems) > 1:
+            raise type(first)(f"{first} (and {len(problems) - 1} more image problems)")
+        raise first
     return len(expected)
 
 

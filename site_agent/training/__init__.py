@@ -2,7 +2,7 @@
 
 The pieces, in the order a run uses them:
 
-* :mod:`~site_agent.training.recipe`: the YAML recipe, validated once into typed settings;
+* :mod:`~protocol.recipe`: the YAML recipe, validated once into typed settings;
 * :mod:`~site_agent.training.data`: the shard manifest, image verification (sha256), chat
   template rendering with answer-only labels, batching;
 * :mod:`~site_agent.training.schedule`: ``match-dense-steps``, the paper's compute matching;

@@ -49,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs one training job; returns the process exit code."""
     args = build_parser().parse_args(argv)
     # Imported after parsing so that --help and usage errors answer without loading torch.
+    from protocol.recipe import load_recipe
     from site_agent.training.data import load_shard_manifest
-    from site_agent.training.recipe import load_recipe
     from site_agent.training.trainer import (
         ProgressLog,
         TrainingJob,

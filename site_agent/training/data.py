@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from protocol.digests import check_sha256_hex, file_sha256
 from protocol.errors import AtollError, InvalidArgument, NotFound, VerificationFailed
-from site_agent.training.recipe import Architecture, DataSettings
+from protocol.recipe import Architecture, DataSettings
 
 __all__ = [
     "IGNORE_INDEX",

@@ -3,7 +3,7 @@
 Two ways to get a base, both without touching the network:
 
 * ``base: init-from-config``: a tiny randomly initialised model of the recipe's architecture,
-  built from :class:`~site_agent.training.recipe.TinyModelSize` with ``init_seed``, together with
+  built from :class:`~protocol.recipe.TinyModelSize` with ``init_seed``, together with
   a byte-level tokenizer and image processor made here. Any machine that builds it gets the same
   weights, which is what tests and the tiny-cpu federation rely on.
 * ``base: pretrained``: a Hugging Face directory on local disk, loaded with
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from protocol.errors import InvalidArgument, NotFound
-from site_agent.training.recipe import (
+from protocol.recipe import (
     Architecture,
     BaseSource,
     FreezeSettings,

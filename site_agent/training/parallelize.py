@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
+from protocol.recipe import Architecture, ModelSettings, TrainingSettings
 from site_agent.training.model import (
     freeze_parameters,
     language_model_lora_targets,
 )
-from site_agent.training.recipe import Architecture, ModelSettings, TrainingSettings
 
 __all__ = [
     "apply_lora",

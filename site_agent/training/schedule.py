@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from protocol.errors import InvalidArgument
-from site_agent.training.recipe import ScheduleMode, TrainingSettings
+from protocol.recipe import ScheduleMode, TrainingSettings
 
 __all__ = ["Schedule", "plan_schedule"]
 

@@ -35,6 +35,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from protocol.errors import AtollError, FailedPrecondition
+from protocol.recipe import Recipe
 from site_agent.training import parallelize
 from site_agent.training.data import (
     DataStats,
@@ -50,7 +51,6 @@ from site_agent.training.model import (
     load_model,
     load_processor,
 )
-from site_agent.training.recipe import Recipe
 from site_agent.training.schedule import Schedule, plan_schedule
 
 __all__ = [

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from protocol.errors import InvalidArgument, NotFound, VerificationFailed
+from protocol.recipe import Architecture, DataSettings, ModelSettings
 from site_agent.training.data import (
     IGNORE_INDEX,
     ConversationEncoder,
@@ -22,7 +23,6 @@ from site_agent.training.data import (
     verify_shard,
 )
 from site_agent.training.model import load_processor
-from site_agent.training.recipe import Architecture, DataSettings, ModelSettings
 
 from .synthetic import Shard, write_shard
 

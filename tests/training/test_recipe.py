@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from protocol.errors import InvalidArgument, NotFound
-from site_agent.training.recipe import (
+from protocol.recipe import (
     Architecture,
     BaseSource,
     ScheduleMode,

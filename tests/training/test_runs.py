@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from protocol.exit_codes import ExitCode
+from protocol.recipe import load_recipe
 from site_agent.training.model import load_model, load_processor, materialize_tiny_base
-from site_agent.training.recipe import load_recipe
 from site_agent.training.trainer import last_complete_checkpoint
 
 from .synthetic import (

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+from coordinator.federation_recipe import current_recipe
 from coordinator.store import AssignmentRecord, Store
 from protocol.canonical import canonical_digest, canonical_json
 from protocol.messages import ArtifactRef, AssignmentReply, AssignmentStatus
@@ -12,11 +14,21 @@ PENDING_RETRY_SECONDS = 15
 
 
 def assignment_document(
-    federation: str, record: AssignmentRecord, num_experts: int, artifacts: list[ArtifactRef]
+    federation: str,
+    record: AssignmentRecord,
+    num_experts: int,
+    recipe: dict[str, Any],
+    artifacts: list[ArtifactRef],
 ) -> dict[str, object]:
     """The canonical description of an assignment; its digest is what provenance cites."""
     return {
         "federation": federation,
+        "recipe": {
+            "name": recipe["name"],
+            "sha256": recipe["sha256"],
+            "artifact": recipe["artifact"],
+        },
+        "base_model": recipe["base_model"],
         "site": record.site,
         "expert_index": record.expert_index,
         "num_experts": num_experts,
@@ -30,10 +42,12 @@ def get_assignment(
     store: Store, federation: str, site: str, now: float | None = None
 ) -> AssignmentReply:
     plan = store.get_plan()
-    if plan is None:
+    recipe = current_recipe(store)
+    if plan is None or recipe is None:
+        missing = "partition plan" if plan is None else "training recipe"
         return AssignmentReply(
             AssignmentStatus.PENDING,
-            reason="the coordinator has no partition plan yet",
+            reason=f"the coordinator has no {missing} yet",
             retry_after_seconds=PENDING_RETRY_SECONDS,
         )
     record = store.assign_expert(site, time.time() if now is None else now)
@@ -48,7 +62,7 @@ def get_assignment(
         for a in store.list_artifacts()
         if a.audience == "sites" and a.expert in (None, record.expert_index)
     ]
-    document = assignment_document(federation, record, plan.num_experts, artifacts)
+    document = assignment_document(federation, record, plan.num_experts, recipe, artifacts)
     return AssignmentReply(
         AssignmentStatus.ASSIGNED,
         expert_index=record.expert_index,

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from coordinator import enrolment, sites
 from coordinator.federation import init_federation, load_authority
+from coordinator.federation_recipe import set_recipe
 from coordinator.state import StateDir
 from protocol.cli_support import parse_duration, run_command, setup_logging
 
@@ -38,6 +39,24 @@ def cmd_invite(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(str(token))  # alone on stdout, so `TOKEN=$(coordinator invite ...)` works
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    state = _state(args)
+    store = state.open_store()
+    try:
+        base = Path(args.base_model) if args.base_model else None
+        description = set_recipe(state, store, Path(args.recipe), base)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(description, indent=2))
+    else:
+        base_info = description["base_model"]
+        where = "served to sites" if base_info["served"] else "sites bring their own copy"
+        print(f"recipe {description['name']}: sha256 {description['sha256']}")
+        print(f"base model: digest {base_info['digest']} ({base_info['files']} files, {where})")
     return 0
 
 
@@ -108,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", default="24h", help="how long the token stays valid (default 24h)")
     p.add_argument("--role", default="site", choices=enrolment.ROLES)
     p.set_defaults(fn=cmd_invite)
+
+    p = commands.add_parser("recipe", help="fix the training recipe and base checkpoint")
+    p.add_argument("--state", required=True)
+    p.add_argument("--recipe", required=True, help="recipe YAML (e.g. configs/tiny-cpu.yaml)")
+    p.add_argument(
+        "--base-model", help="local base checkpoint (recipes with model.base: pretrained)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_recipe)
 
     p = commands.add_parser("serve", help="serve the federation over gRPC + mutual TLS")
     p.add_argument("--state", required=True)

@@ -194,6 +194,10 @@ class Store(abc.ABC):
     def list_artifacts(self) -> list[ArtifactRecord]:
         """Every artifact, ordered by name."""
 
+    @abc.abstractmethod
+    def remove_artifacts(self, prefix: str) -> int:
+        """Stops serving every artifact whose name starts with ``prefix``; returns how many."""
+
     # -- uploads -------------------------------------------------------------------------
     @abc.abstractmethod
     def begin_upload(self, upload: UploadRecord) -> UploadRecord:

@@ -147,6 +147,13 @@ class MemoryStore(Store):
         with self._lock:
             return [self._artifacts[name] for name in sorted(self._artifacts)]
 
+    def remove_artifacts(self, prefix: str) -> int:
+        with self._lock:
+            names = [name for name in self._artifacts if name.startswith(prefix)]
+            for name in names:
+                del self._artifacts[name]
+            return len(names)
+
     def begin_upload(self, upload: UploadRecord) -> UploadRecord:
         with self._lock:
             for existing in self._uploads.values():

@@ -292,6 +292,13 @@ class SqliteStore(Store):
             ArtifactRecord(**dict(r)) for r in self._read("SELECT * FROM artifacts ORDER BY name")
         ]
 
+    def remove_artifacts(self, prefix: str) -> int:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM artifacts WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
+            )
+        return cursor.rowcount
+
     # -- uploads -------------------------------------------------------------------------
     def _upload(self, conn: sqlite3.Connection, upload_id: str) -> UploadRecord | None:
         row = conn.execute("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,)).fetchone()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from federation_helpers import record_test_recipe
 
 from coordinator import enrolment
 from coordinator.artifacts import register_artifact
@@ -60,6 +61,7 @@ class Running:
         store.put_plan(
             PlanRecord(digest="ab" * 32, num_experts=num_experts, created_at=time.time())
         )
+        record_test_recipe(store)
 
 
 FAST_FAIL = Retry(initial=0.05, maximum=0.2, give_up_after=2.0)

@@ -39,7 +39,7 @@ def test_enrol_then_mutual_tls_calls(running: Any, tmp_path: Path) -> None:
     with running.client(workdir) as client:
         reply = client.get_assignment()
         assert reply.status is AssignmentStatus.PENDING
-        assert reply.retry_after_seconds > 0 and "no partition plan" in reply.reason
+        assert reply.retry_after_seconds > 0 and "no partition plan yet" in reply.reason
         beat = client.heartbeat(Heartbeat(phase="waiting"))
         assert beat.next_heartbeat_seconds == 1
     assert running.coordinator.store.latest_heartbeats()["alpha"].phase == "waiting"

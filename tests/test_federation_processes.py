@@ -21,6 +21,9 @@ from coordinator.artifacts import register_artifact
 from coordinator.state import StateDir
 from coordinator.store import PlanRecord
 
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import record_test_recipe
+
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
@@ -112,6 +115,7 @@ def test_two_sites_survive_a_coordinator_restart(tmp_path: Path) -> None:
         shard.write_bytes(os.urandom(100_000))
         register_artifact(StateDir(state), store, "partition/centroids.safetensors", shard)
         store.put_plan(PlanRecord("cd" * 32, 2, time.time()))
+        record_test_recipe(store)
         store.close()
         wait_for("both sites ready", lambda: heartbeating("ready"))
         assert sorted(r["expert"] for r in status(state)["sites"]) == [0, 1]

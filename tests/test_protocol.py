@@ -97,6 +97,7 @@ def test_cli_flags_are_pinned() -> None:
     assert _flags(coordinator_parser()) == {
         "init": ["--federation", "--help", "--state", "-h"],
         "invite": ["--help", "--role", "--state", "--ttl", "-h", "site"],
+        "recipe": ["--base-model", "--help", "--json", "--recipe", "--state", "-h"],
         "serve": ["--enrol-listen", "--heartbeat-seconds", "--help", "--listen", "--state", "-h"],
         "status": ["--help", "--json", "--state", "-h"],
     }

@@ -162,6 +162,9 @@ class TestStoreContract:
         assert [a.name for a in store.list_artifacts()] == ["a", "b"]
         assert store.get_artifact("a") == ArtifactRecord("a", "x/a", 2, "d" * 64, expert=1)
         assert store.get_artifact("zzz") is None
+        store.put_artifact(ArtifactRecord("base/x", "x", 1, "e" * 64))
+        assert store.remove_artifacts("base/") == 1
+        assert [a.name for a in store.list_artifacts()] == ["a", "b"]
 
     def test_upload_session_resumes_with_same_files(self, store: Store) -> None:
         first = store.begin_upload(upload("u1"))

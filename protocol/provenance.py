@@ -416,6 +416,7 @@ def verify_expert(
     trusted_ca_pem: bytes,
     expected_certificate: x509.Certificate | None = None,
     expected: ProvenanceExpectations | None = None,
+    at: datetime | None = None,
     max_workers: int | None = None,
 ) -> VerifiedExpert:
     """Verifies ``model.sig`` and ``provenance.sigstore.json`` of an expert directory.
@@ -429,6 +430,8 @@ def verify_expert(
         trusted_ca_pem: The federation CA certificate(s), PEM.
         expected_certificate: When given, the signer must be this certificate.
         expected: Values the provenance must carry; its ``builder_id`` also pins the signer.
+        at: Time at which to check the certificate chain; default the signing certificate's
+            notBefore (as ``model_signing verify certificate`` does).
         max_workers: Hashing threads; default cores + 4.
 
     Returns:
@@ -443,6 +446,7 @@ def verify_expert(
         trusted_ca_pem=trusted_ca_pem,
         expected_certificate=expected_certificate,
         expected_spiffe_id=expected.builder_id,
+        at=at,
         max_workers=max_workers,
     )
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import subprocess
 from pathlib import Path
@@ -219,3 +220,11 @@ def test_signature_may_not_leave_weights_unsigned(expert_dir: Path, pki: Pki) ->
     )
     with pytest.raises(VerificationFailed, match=f"leaves {SHARD}.* unsigned"):
         verify_model(expert_dir, trusted_ca_pem=pki.ca_pem)
+
+
+def test_chain_is_judged_at_signing_time_unless_told(expert_dir: Path, pki: Pki) -> None:
+    _sign(expert_dir, pki.site_a)
+    later = pki.site_a.certificate.not_valid_after_utc + datetime.timedelta(days=1)
+    verify_model(expert_dir, trusted_ca_pem=pki.ca_pem)  # at notBefore: valid
+    with pytest.raises(VerificationFailed, match="certificate has expired"):
+        verify_model(expert_dir, trusted_ca_pem=pki.ca_pem, at=later)

@@ -283,7 +283,7 @@ class Supervisor:
             cause = _describe(code)
             if code in INPUT_ERRORS:
                 raise self._failure(
-                    f"training failed: the trainer exited with code {code} ({cause}); "
+                    f"training failed: the trainer stopped with exit code {code} ({cause}); "
                     "not restarted, as the same inputs would fail again",
                     result,
                     attempt,

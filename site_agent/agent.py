@@ -11,13 +11,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from protocol.errors import FailedPrecondition, VerificationFailed
+from protocol.errors import AtollError, FailedPrecondition, VerificationFailed
 from protocol.identity import EnrolmentToken
 from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
 from protocol.x509 import (
@@ -27,8 +29,10 @@ from protocol.x509 import (
     write_private,
     write_public,
 )
+from site_agent import expert
 from site_agent.client import FederationClient, Retry, fetch_pinned_ca, split_address
-from site_agent.transfer import download_artifact
+from site_agent.supervisor import Supervisor, SupervisorConfig
+from site_agent.transfer import download_artifact, upload_directory
 from site_agent.workdir import SiteIdentity, Workdir
 
 log = logging.getLogger("atoll.site")
@@ -94,39 +98,70 @@ def connect(
 
 @dataclass
 class Agent:
-    """The join loop. ``stop`` ends it between steps (signals, tests)."""
+    """The join loop: assignment, artifacts, supervised training, signing, upload.
+
+    Each phase is saved in the workdir, so a restarted agent continues where it stopped (the
+    trainer resumes from its last checkpoint). ``stop`` ends the loop between steps.
+    """
 
     workdir: Workdir
-    client: FederationClient
+    client: FederationClient | None  # None: an offline site (train and sign, no upload)
     progress: bool = False
+    image_root: Path | None = None
+    base_model: Path | None = None
+    supervisor_config: SupervisorConfig | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     phase: str = "waiting"
     heartbeat_seconds: float = 10.0
     message: str = ""
+    _training: dict[str, Any] = field(default_factory=dict)
+    _supervisor: Supervisor | None = None
+    _next_beat: float = 0.0
 
     def _save(self, **extra: Any) -> None:
         state = self.workdir.agent_state()
         state.update(phase=self.phase, message=self.message, updated_at=time.time(), **extra)
         self.workdir.save_agent_state(state)
 
-    def _set_phase(self, phase: str, message: str = "") -> None:
+    def _set_phase(self, phase: str, message: str = "", **extra: Any) -> None:
         if phase != self.phase:
             log.info("[site] phase %s -> %s %s", self.phase, phase, message)
         self.phase, self.message = phase, message
-        self._save()
+        self._save(**extra)
+
+    def halt(self) -> None:
+        """Stops the loop and, when training, the trainer (after it saves a checkpoint)."""
+        self.stop.set()
+        if self._supervisor is not None:
+            self._supervisor.stop()
 
     def beat(self) -> Directive:
-        reply = self.client.heartbeat(Heartbeat(phase=self.phase, message=self.message))
+        if self.client is None:
+            return Directive.CONTINUE
+        t = self._training
+        reply = self.client.heartbeat(
+            Heartbeat(
+                phase=self.phase,
+                step=int(t.get("step", 0)),
+                total_steps=int(t.get("total_steps", 0)),
+                loss=float(t.get("loss", 0.0)),
+                tokens_per_second=float(t.get("tokens_per_second", 0.0)),
+                eta_seconds=float(t.get("eta_seconds", 0.0)),
+                message=self.message,
+            )
+        )
         self.heartbeat_seconds = float(reply.next_heartbeat_seconds or self.heartbeat_seconds)
+        self._next_beat = time.monotonic() + self.heartbeat_seconds
         self._save(last_heartbeat=time.time())
         if reply.directive is Directive.STOP:
             log.warning("[site] coordinator directs: stop (%s)", reply.message)
+            self.halt()
         return reply.directive
 
     def fetch_assignment(self) -> dict[str, Any] | None:
         """The assignment (from the workdir, else the coordinator), or None while pending."""
         saved = self.workdir.assignment()
-        if saved is not None:
+        if saved is not None or self.client is None:
             return saved
         reply = self.client.get_assignment()
         if reply.status is not AssignmentStatus.ASSIGNED:
@@ -148,11 +183,62 @@ class Agent:
         return document
 
     def fetch_artifacts(self, assignment: dict[str, Any]) -> None:
+        assert self.client is not None
         refs = [ArtifactRef(**a) for a in assignment["artifacts"]]
         self._set_phase("downloading", f"{len(refs)} artifact(s)")
         for ref in refs:
             download_artifact(self.client, ref, self.workdir.artifacts_dir, self.progress)
         self._set_phase("ready", f"expert {assignment['expert_index']}: artifacts verified")
+
+    def _on_training_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind in ("start", "progress"):
+            self._training.update({k: v for k, v in event.items() if k != "event"})
+            if kind == "progress":
+                self.message = f"step {event['step']}/{event['total_steps']}"
+        elif kind == "restart":
+            self.message = f"trainer restarted after {event['cause']}"
+            log.warning("[site] %s", self.message)
+        if time.monotonic() >= self._next_beat:
+            self.beat()
+
+    def _on_training_tick(self) -> None:
+        if time.monotonic() >= self._next_beat:
+            self.beat()
+
+    def work(self, assignment: dict[str, Any]) -> None:
+        """Trains, signs and uploads this site's expert, resuming at the saved phase."""
+        inputs = expert.resolve_inputs(self.workdir, assignment, self.base_model)
+        state = self.workdir.agent_state()
+        if self.phase in ("ready", "training"):
+            started = state.get("training_started") or time.time()
+            self._set_phase("training", "starting the trainer", training_started=started)
+            done = expert.train(
+                self.workdir,
+                inputs,
+                self.image_root,
+                self.supervisor_config,
+                on_event=self._on_training_event,
+                on_tick=self._on_training_tick,
+                supervisor_ready=lambda s: setattr(self, "_supervisor", s),
+            )
+            self._supervisor = None
+            if done is None:
+                return  # stopped; the trainer saved a checkpoint to resume from
+            self._set_phase("signing", f"trained {done['step']} steps", training_done=done)
+            state = self.workdir.agent_state()
+        if self.phase == "signing":
+            started = datetime.fromtimestamp(float(state["training_started"]), UTC)
+            expert.sign(self.workdir, inputs, state["training_done"], started)
+            self._set_phase("uploading", "checkpoint signed")
+        if self.phase == "uploading" and self.client is not None:
+            model_dir = Path(state["training_done"]["model_dir"])
+            result = upload_directory(self.client, inputs.expert_index, model_dir, self.progress)
+            if not result.accepted:
+                self._set_phase("failed", f"upload rejected: {result.reason}")
+                self.beat()
+                raise VerificationFailed(f"the coordinator rejected the upload: {result.reason}")
+            self._set_phase("done", "expert accepted", receipt=result.receipt_json)
 
     def step(self) -> Directive:
         """One pass: advance as far as the federation allows, then heartbeat."""
@@ -160,21 +246,36 @@ class Agent:
             assignment = self.fetch_assignment()
             if assignment is not None:
                 self.fetch_artifacts(assignment)
+        if self.phase in ("ready", "training", "signing", "uploading") and not self.stop.is_set():
+            assignment = self.workdir.assignment()
+            assert assignment is not None
+            try:
+                self.work(assignment)
+            except AtollError as error:
+                self._set_phase("failed", str(error)[:500])
+                self.beat()
+                raise
         return self.beat()
 
     def run(self, until: str | None = None) -> int:
-        """Loops until stopped, directed to stop, or (``until``) a phase is reached."""
+        """Loops until done, stopped, directed to stop, or (``until``) a phase is reached."""
         saved = self.workdir.agent_state().get("phase")
-        if saved == "ready" and self.workdir.assignment() is not None:
-            self.phase = "ready"  # artifacts are re-verified below only if missing
+        if saved in RESUMABLE and self.workdir.assignment() is not None:
+            self.phase = saved
         while not self.stop.is_set():
+            if until is not None and self.phase == until:
+                return 0
             if self.step() is Directive.STOP:
                 self._set_phase("failed", "stopped by the coordinator")
                 return 1
-            if until is not None and self.phase == until:
+            if self.phase == "done" or (until is not None and self.phase == until):
                 return 0
             self.stop.wait(self.heartbeat_seconds)
         return 0
+
+
+# Phases a restarted agent resumes at (earlier ones are re-derived from the coordinator).
+RESUMABLE = ("ready", "training", "signing", "uploading", "done")
 
 
 def require_enrolled(workdir: Workdir) -> SiteIdentity:

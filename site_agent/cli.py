@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 from protocol.cli_support import run_command, setup_logging
+from protocol.errors import FailedPrecondition, InvalidArgument
 from protocol.messages import PHASES
 from protocol.x509 import load_certificate
-from site_agent.agent import Agent, connect, enrol
-from site_agent.workdir import Workdir
+from site_agent.agent import RESUMABLE, Agent, connect, enrol, require_enrolled
+from site_agent.client import FederationClient
+from site_agent.workdir import Workdir, read_json
 
 log = logging.getLogger("atoll.site")
 
@@ -33,10 +35,69 @@ def cmd_join(args: argparse.Namespace) -> int:
             return 2
         enrol(workdir, args.coordinator, args.token, args.enrol_address)
     with connect(workdir, args.coordinator) as client:
-        agent = Agent(workdir, client, progress=sys.stderr.isatty())
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: agent.stop.set())
+        agent = _agent(args, workdir, client)
         return agent.run(until=args.until)
+
+
+def _agent(args: argparse.Namespace, workdir: Workdir, client: FederationClient | None) -> Agent:
+    agent = Agent(
+        workdir,
+        client,
+        progress=sys.stderr.isatty(),
+        image_root=Path(args.image_root) if getattr(args, "image_root", None) else None,
+        base_model=Path(args.base_model) if getattr(args, "base_model", None) else None,
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: agent.halt())
+    return agent
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """An offline site: verify the assignment's files, train, sign; `upload` sends it later."""
+    workdir = Workdir(Path(args.workdir))
+    require_enrolled(workdir)
+    if args.assignment:
+        given = read_json(Path(args.assignment))
+        if not isinstance(given, dict) or "assignment_digest" not in given:
+            raise InvalidArgument(
+                f"--assignment {args.assignment}: expected an assignment.json written by "
+                "`site-agent join` (with assignment_digest)"
+            )
+        saved = workdir.assignment()
+        if saved is not None and saved["assignment_digest"] != given["assignment_digest"]:
+            raise FailedPrecondition(
+                f"{workdir.root} holds assignment {saved['assignment_digest'][:16]}.., not "
+                f"{given['assignment_digest'][:16]}.. from {args.assignment}: use another --workdir"
+            )
+        workdir.save_assignment(given)
+    if workdir.assignment() is None:
+        raise FailedPrecondition(f"{workdir.root} has no assignment: pass --assignment FILE")
+    agent = _agent(args, workdir, None)
+    saved_phase = workdir.agent_state().get("phase")
+    agent.phase = saved_phase if saved_phase in RESUMABLE else "ready"
+    if agent.phase != "done":
+        agent.step()
+    print(f"phase: {agent.phase} ({agent.message})")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    """Sends a trained, signed expert (after `site-agent train`): same path as `join`."""
+    workdir = Workdir(Path(args.workdir))
+    require_enrolled(workdir)
+    phase = workdir.agent_state().get("phase")
+    if phase not in ("uploading", "done"):
+        raise FailedPrecondition(
+            f"{workdir.root} is in phase {phase!r}: nothing signed to upload yet "
+            "(run `site-agent train` first)"
+        )
+    with connect(workdir, args.coordinator) as client:
+        agent = _agent(args, workdir, client)
+        agent.phase = phase
+        if phase != "done":
+            agent.step()
+    print(f"phase: {agent.phase} ({agent.message})")
+    return 0 if agent.phase == "done" else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -67,6 +128,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-root", help="where this site's copy of the shard's images is")
+    parser.add_argument(
+        "--base-model", help="local base checkpoint, when the coordinator does not serve it"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="site-agent", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -80,7 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", required=True, help="the site's working directory")
     p.add_argument("--until", choices=PHASES, help="exit 0 once this phase is reached")
+    _training_flags(p)
     p.set_defaults(fn=cmd_join)
+
+    p = commands.add_parser("train", help="offline: train and sign the assigned expert")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--assignment", help="assignment.json (default: the workdir's own)")
+    _training_flags(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = commands.add_parser("upload", help="upload the expert `train` signed")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--coordinator", help="HOST:PORT (default: the enrolled one)")
+    p.set_defaults(fn=cmd_upload)
 
     p = commands.add_parser("status", help="this site's identity, assignment and phase")
     p.add_argument("--workdir", required=True)

@@ -103,14 +103,18 @@ def test_cli_flags_are_pinned() -> None:
     }
     assert _flags(site_parser()) == {
         "join": [
+            "--base-model",
             "--coordinator",
             "--enrol-address",
             "--help",
+            "--image-root",
             "--token",
             "--until",
             "--workdir",
             "-h",
         ],
         "status": ["--help", "--json", "--workdir", "-h"],
+        "train": ["--assignment", "--base-model", "--help", "--image-root", "--workdir", "-h"],
+        "upload": ["--coordinator", "--help", "--workdir", "-h"],
     }
     assert _flags(atoll_parser()) == {"version": ["--help", "-h"]}

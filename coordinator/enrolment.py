@@ -9,6 +9,7 @@ import time
 
 from cryptography.hazmat.primitives import serialization
 
+from coordinator import audit
 from coordinator.ca import CertificateAuthority
 from coordinator.store import SiteRecord, Store, TokenRecord
 from protocol.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -108,6 +109,7 @@ def enroll(
             enrolled_at=now,
         ),
         now,
+        audit=audit.enrolled_event,
     )
     return Enrolment(
         certificate_pem=cert_pem,

@@ -18,7 +18,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from cryptography.hazmat.primitives import serialization
 
-from coordinator import artifacts, assignment, enrolment, release, sites, upload
+from coordinator import acceptance, artifacts, assignment, audit, enrolment, release, sites, upload
 from coordinator.ca import CertificateAuthority
 from coordinator.federation import load_authority
 from coordinator.state import StateDir
@@ -53,15 +53,22 @@ class Coordinator:
     store: Store
     ca: CertificateAuthority
     writer: upload.UploadWriter
+    auditor: audit.Auditor
     acceptance_checks: tuple[upload.AcceptanceCheck, ...] = ()
     heartbeat_seconds: int = sites.HEARTBEAT_SECONDS
 
     @classmethod
     def open(cls, state: StateDir, heartbeat_seconds: int = sites.HEARTBEAT_SECONDS) -> Coordinator:
+        """Opens the state directory; uploads are accepted only with a valid signature and
+        provenance (:func:`coordinator.acceptance.provenance_check`)."""
         store = state.open_store()
         store.set_meta("heartbeat_seconds", str(heartbeat_seconds))
         writer = upload.UploadWriter(state, store)
-        return cls(state, store, load_authority(state), writer, (), heartbeat_seconds)
+        ca = load_authority(state)
+        ca_pem = ca.cert.public_bytes(serialization.Encoding.PEM)
+        checks = (acceptance.provenance_check(store, ca.federation, ca_pem),)
+        auditor = audit.Auditor.open(state, store)
+        return cls(state, store, ca, writer, auditor, checks, heartbeat_seconds)
 
     @property
     def federation(self) -> str:
@@ -206,6 +213,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 site,
                 request.upload_id,
                 self.c.acceptance_checks,
+                auditor=self.c.auditor,
             )
             verdict = "accepted" if result.accepted else f"not accepted: {result.reason}"
             log.info(

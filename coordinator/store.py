@@ -6,16 +6,36 @@ backend from a URL: ``sqlite:///path/to/store.db`` (the real one, WAL mode) or `
 
 Times are POSIX seconds (float). Methods raise ``protocol.errors`` exceptions; a method that
 raises changes nothing.
+
+**Audit log.** The store keeps the federation's append-only audit log (see
+:mod:`protocol.audit_log` for what that means): events at dense indexes 0..n-1, each as its
+canonical bytes and RFC 9162 leaf hash, never rewritten, and every checkpoint the coordinator
+signed. The index is assigned by the store, atomically, so a CLI process and the server can
+append to the same store. A method that changes state takes an optional ``audit`` function
+(:data:`EventFor`): when (and only when) the call changes state, the store calls it with the
+new record and appends its event *in the same transaction*, so no state change is ever
+missing from the log and no event describes a change that did not happen.
 """
 
 from __future__ import annotations
 
 import abc
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
 
+from protocol.audit_log import AuditEvent, Checkpoint
+from protocol.errors import FailedPrecondition, InvalidArgument
 from protocol.messages import UploadFile
 
-SCHEMA_VERSION = 1
+# 2: the audit log (events, checkpoints) and upload receipts.
+SCHEMA_VERSION = 2
+
+R = TypeVar("R")
+# Builds the audit event of a state change from the record the change produced.
+EventFor = Callable[[R], AuditEvent]
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,20 @@ class UploadRecord:
     reason: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
+    receipt_json: str = ""  # the audit-log receipt of the acceptance (canonical JSON)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit-log entry as stored: the leaf (canonical event bytes) and its hash."""
+
+    index: int
+    canonical: bytes
+    leaf_hash: bytes
+
+    def event(self) -> AuditEvent:
+        """The event these bytes encode."""
+        return AuditEvent.from_json(json.loads(self.canonical))
 
 
 @dataclass(frozen=True)
@@ -126,12 +160,19 @@ class Store(abc.ABC):
         """The token with this id, used or not, or None."""
 
     @abc.abstractmethod
-    def enroll_site(self, token_id: str, site: SiteRecord, now: float) -> SiteRecord:
+    def enroll_site(
+        self,
+        token_id: str,
+        site: SiteRecord,
+        now: float,
+        audit: EventFor[SiteRecord] | None = None,
+    ) -> SiteRecord:
         """Atomically marks the token used at ``now`` and records (or replaces) the site.
 
         A token that is unknown or already used MUST raise Unauthenticated and change nothing,
         even when two callers race with the same token. Re-enrolling a site replaces its
-        certificate (the old one is refused from then on) and keeps its assignment.
+        certificate (the old one is refused from then on) and keeps its assignment. ``audit``
+        gets the stored site.
         """
 
     @abc.abstractmethod
@@ -143,8 +184,13 @@ class Store(abc.ABC):
         """Every enrolled site, ordered by name."""
 
     @abc.abstractmethod
-    def revoke_site(self, name: str, now: float) -> SiteRecord:
-        """Marks the site revoked (idempotent). An unknown site MUST raise NotFound."""
+    def revoke_site(
+        self, name: str, now: float, audit: EventFor[SiteRecord] | None = None
+    ) -> SiteRecord:
+        """Marks the site revoked (idempotent). An unknown site MUST raise NotFound.
+
+        Revoking a revoked site changes nothing: its ``revoked_at`` stays, and no event is
+        appended."""
 
     # -- heartbeats ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -166,11 +212,15 @@ class Store(abc.ABC):
         """The current partition plan, or None before partitioning."""
 
     @abc.abstractmethod
-    def assign_expert(self, site: str, now: float) -> AssignmentRecord | None:
+    def assign_expert(
+        self, site: str, now: float, audit: EventFor[AssignmentRecord] | None = None
+    ) -> AssignmentRecord | None:
         """The site's assignment: its existing slot, else the lowest free slot 0..K-1.
 
         Returns None when every slot is held by another site. No plan MUST raise
-        FailedPrecondition; a site that is not enrolled MUST raise NotFound. Two sites MUST never hold the same slot, even when racing.
+        FailedPrecondition; a site that is not enrolled MUST raise NotFound. Two sites MUST
+        never hold the same slot, even when racing. ``audit`` is called only when a slot is
+        newly given (a repeated call returns the existing record and appends nothing).
         """
 
     @abc.abstractmethod
@@ -200,10 +250,13 @@ class Store(abc.ABC):
 
     # -- uploads -------------------------------------------------------------------------
     @abc.abstractmethod
-    def begin_upload(self, upload: UploadRecord) -> UploadRecord:
+    def begin_upload(
+        self, upload: UploadRecord, audit: EventFor[UploadRecord] | None = None
+    ) -> UploadRecord:
         """Opens an upload session, or returns the open or accepted one with the same site,
         expert and files (so an interrupted upload resumes with what was already received, and
-        a repeated upload of an accepted expert is a no-op). Rejected sessions are not reused."""
+        a repeated upload of an accepted expert is a no-op). Rejected sessions are not reused.
+        ``audit`` is called only when a new session opens (its id is ``upload.upload_id``)."""
 
     @abc.abstractmethod
     def get_upload(self, upload_id: str) -> UploadRecord | None:
@@ -220,9 +273,54 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def finish_upload(self, upload_id: str, state: str, reason: str, now: float) -> UploadRecord:
+    def finish_upload(
+        self,
+        upload_id: str,
+        state: str,
+        reason: str,
+        now: float,
+        audit: EventFor[UploadRecord] | None = None,
+    ) -> UploadRecord:
         """Closes an open session as ``accepted`` or ``rejected`` with a reason. Finishing a
-        session that is already finished MUST raise FailedPrecondition."""
+        session that is already finished MUST raise FailedPrecondition. ``audit`` gets the
+        finished record."""
+
+    @abc.abstractmethod
+    def set_upload_receipt(self, upload_id: str, receipt_json: str) -> UploadRecord:
+        """Keeps the receipt of an accepted upload; the first receipt stays (a later call
+        returns the record unchanged), so a repeated commit answers the same receipt.
+
+        MUST raise NotFound for an unknown upload, FailedPrecondition unless it is accepted.
+        """
+
+    # -- the audit log -------------------------------------------------------------------
+    @abc.abstractmethod
+    def append_audit_event(self, event: AuditEvent) -> AuditRecord:
+        """Appends ``event`` (for events that record no store change, e.g. ``published``)
+        at the next index, assigned atomically: concurrent callers, in this process or
+        another, get distinct, dense indexes."""
+
+    @abc.abstractmethod
+    def audit_size(self) -> int:
+        """The number of events in the log."""
+
+    @abc.abstractmethod
+    def audit_events(self, start: int = 0, end: int | None = None) -> list[AuditRecord]:
+        """The events with ``start <= index < end`` (default: to the end), in index order."""
+
+    @abc.abstractmethod
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Keeps a checkpoint the coordinator signed (append-only).
+
+        A checkpoint covering more events than the log holds MUST raise InvalidArgument. One
+        smaller than, or dated before, the latest kept checkpoint MUST raise
+        FailedPrecondition (another writer signed a later head meanwhile: sign again), so
+        kept checkpoints grow in size and time.
+        """
+
+    @abc.abstractmethod
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """Every kept checkpoint, oldest first."""
 
     # -- the published ensemble ----------------------------------------------------------
     @abc.abstractmethod
@@ -248,3 +346,23 @@ def open_store(url: str) -> Store:
 
         return SqliteStore(url.removeprefix("sqlite:///"))
     raise ValueError(f"store URL {url!r}: expected 'sqlite:///PATH' or 'memory://'")
+
+
+def check_new_checkpoint(latest: Checkpoint | None, new: Checkpoint, log_size: int) -> None:
+    """The :meth:`Store.add_checkpoint` rules, shared by the backends."""
+    if new.tree_size > log_size:
+        raise InvalidArgument(
+            f"checkpoint of size {new.tree_size}: the audit log holds only {log_size} events"
+        )
+    if latest is None:
+        return
+    if new.tree_size < latest.tree_size:
+        raise FailedPrecondition(
+            f"checkpoint of size {new.tree_size}: a checkpoint of size {latest.tree_size} "
+            "was signed meanwhile; sign the current head again"
+        )
+    if datetime.fromisoformat(new.timestamp) < datetime.fromisoformat(latest.timestamp):
+        raise FailedPrecondition(
+            f"checkpoint dated {new.timestamp}: the latest checkpoint is dated "
+            f"{latest.timestamp}; sign the current head again"
+        )

@@ -9,14 +9,18 @@ from coordinator.store import (
     SCHEMA_VERSION,
     ArtifactRecord,
     AssignmentRecord,
+    AuditRecord,
     EnsembleRecord,
+    EventFor,
     HeartbeatRecord,
     PlanRecord,
     SiteRecord,
     Store,
     TokenRecord,
     UploadRecord,
+    check_new_checkpoint,
 )
+from protocol.audit_log import AuditEvent, Checkpoint
 from protocol.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -24,6 +28,7 @@ from protocol.errors import (
     NotFound,
     Unauthenticated,
 )
+from protocol.merkle import leaf_hash
 
 
 class MemoryStore(Store):
@@ -38,6 +43,16 @@ class MemoryStore(Store):
         self._artifacts: dict[str, ArtifactRecord] = {}
         self._uploads: dict[str, UploadRecord] = {}
         self._ensemble: EnsembleRecord | None = None
+        self._audit: list[AuditRecord] = []
+        self._checkpoints: list[Checkpoint] = []
+
+    def _append(self, event: AuditEvent) -> AuditRecord:
+        # Callers hold the lock; the event is built before anything changes, so a bad event
+        # leaves the state as it was.
+        canonical = event.canonical()
+        record = AuditRecord(len(self._audit), canonical, leaf_hash(canonical))
+        self._audit.append(record)
+        return record
 
     def schema_version(self) -> int:
         return SCHEMA_VERSION
@@ -58,18 +73,28 @@ class MemoryStore(Store):
     def get_token(self, token_id: str) -> TokenRecord | None:
         return self._tokens.get(token_id)
 
-    def enroll_site(self, token_id: str, site: SiteRecord, now: float) -> SiteRecord:
+    def enroll_site(
+        self,
+        token_id: str,
+        site: SiteRecord,
+        now: float,
+        audit: EventFor[SiteRecord] | None = None,
+    ) -> SiteRecord:
         with self._lock:
             token = self._tokens.get(token_id)
             if token is None:
                 raise Unauthenticated(f"unknown enrolment token {token_id}")
             if token.used_at is not None:
                 raise Unauthenticated(f"enrolment token {token_id} was already used")
-            self._tokens[token_id] = dataclasses.replace(token, used_at=now)
             previous = self._sites.get(site.name)
             revoked = previous.revoked_at if previous else None
-            self._sites[site.name] = dataclasses.replace(site, revoked_at=revoked)
-            return self._sites[site.name]
+            stored = dataclasses.replace(site, revoked_at=revoked)
+            event = audit(stored) if audit else None
+            self._tokens[token_id] = dataclasses.replace(token, used_at=now)
+            self._sites[site.name] = stored
+            if event is not None:
+                self._append(event)
+            return stored
 
     def get_site(self, name: str) -> SiteRecord | None:
         return self._sites.get(name)
@@ -78,13 +103,19 @@ class MemoryStore(Store):
         with self._lock:
             return [self._sites[name] for name in sorted(self._sites)]
 
-    def revoke_site(self, name: str, now: float) -> SiteRecord:
+    def revoke_site(
+        self, name: str, now: float, audit: EventFor[SiteRecord] | None = None
+    ) -> SiteRecord:
         with self._lock:
             site = self._sites.get(name)
             if site is None:
                 raise NotFound(f"no enrolled site named {name!r}")
             if site.revoked_at is None:
-                site = self._sites[name] = dataclasses.replace(site, revoked_at=now)
+                site = dataclasses.replace(site, revoked_at=now)
+                event = audit(site) if audit else None
+                self._sites[name] = site
+                if event is not None:
+                    self._append(event)
             return site
 
     def record_heartbeat(self, heartbeat: HeartbeatRecord) -> None:
@@ -112,7 +143,9 @@ class MemoryStore(Store):
     def get_plan(self) -> PlanRecord | None:
         return self._plan
 
-    def assign_expert(self, site: str, now: float) -> AssignmentRecord | None:
+    def assign_expert(
+        self, site: str, now: float, audit: EventFor[AssignmentRecord] | None = None
+    ) -> AssignmentRecord | None:
         with self._lock:
             if self._plan is None:
                 raise FailedPrecondition("no partition plan yet: run `coordinator partition`")
@@ -124,7 +157,10 @@ class MemoryStore(Store):
             for k in range(self._plan.num_experts):
                 if k not in self._assignments:
                     record = AssignmentRecord(k, site, self._plan.digest, now)
+                    event = audit(record) if audit else None
                     self._assignments[k] = record
+                    if event is not None:
+                        self._append(event)
                     return record
             return None
 
@@ -154,7 +190,9 @@ class MemoryStore(Store):
                 del self._artifacts[name]
             return len(names)
 
-    def begin_upload(self, upload: UploadRecord) -> UploadRecord:
+    def begin_upload(
+        self, upload: UploadRecord, audit: EventFor[UploadRecord] | None = None
+    ) -> UploadRecord:
         with self._lock:
             for existing in self._uploads.values():
                 if (
@@ -170,8 +208,12 @@ class MemoryStore(Store):
                 state="open",
                 reason="",
                 updated_at=upload.created_at,
+                receipt_json="",
             )
+            event = audit(created) if audit else None
             self._uploads[upload.upload_id] = created
+            if event is not None:
+                self._append(event)
             return created
 
     def get_upload(self, upload_id: str) -> UploadRecord | None:
@@ -203,7 +245,14 @@ class MemoryStore(Store):
             )
             return offset + length
 
-    def finish_upload(self, upload_id: str, state: str, reason: str, now: float) -> UploadRecord:
+    def finish_upload(
+        self,
+        upload_id: str,
+        state: str,
+        reason: str,
+        now: float,
+        audit: EventFor[UploadRecord] | None = None,
+    ) -> UploadRecord:
         if state not in ("accepted", "rejected"):
             raise InvalidArgument(f"upload state {state!r}: expected 'accepted' or 'rejected'")
         with self._lock:
@@ -213,8 +262,48 @@ class MemoryStore(Store):
             if upload.state != "open":
                 raise FailedPrecondition(f"upload {upload_id} is already {upload.state}")
             finished = dataclasses.replace(upload, state=state, reason=reason, updated_at=now)
+            event = audit(finished) if audit else None
             self._uploads[upload_id] = finished
+            if event is not None:
+                self._append(event)
             return finished
+
+    def set_upload_receipt(self, upload_id: str, receipt_json: str) -> UploadRecord:
+        with self._lock:
+            upload = self._uploads.get(upload_id)
+            if upload is None:
+                raise NotFound(f"unknown upload id {upload_id!r}")
+            if upload.state != "accepted":
+                raise FailedPrecondition(
+                    f"upload {upload_id} is {upload.state}: only an accepted upload has a receipt"
+                )
+            if not upload.receipt_json:
+                upload = self._uploads[upload_id] = dataclasses.replace(
+                    upload, receipt_json=receipt_json
+                )
+            return upload
+
+    def append_audit_event(self, event: AuditEvent) -> AuditRecord:
+        with self._lock:
+            return self._append(event)
+
+    def audit_size(self) -> int:
+        with self._lock:
+            return len(self._audit)
+
+    def audit_events(self, start: int = 0, end: int | None = None) -> list[AuditRecord]:
+        with self._lock:
+            return self._audit[start:end]
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with self._lock:
+            latest = self._checkpoints[-1] if self._checkpoints else None
+            check_new_checkpoint(latest, checkpoint, len(self._audit))
+            self._checkpoints.append(checkpoint)
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        with self._lock:
+            return list(self._checkpoints)
 
     def publish_ensemble(self, ensemble: EnsembleRecord) -> None:
         with self._lock:

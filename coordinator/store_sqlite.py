@@ -14,14 +14,18 @@ from coordinator.store import (
     SCHEMA_VERSION,
     ArtifactRecord,
     AssignmentRecord,
+    AuditRecord,
     EnsembleRecord,
+    EventFor,
     HeartbeatRecord,
     PlanRecord,
     SiteRecord,
     Store,
     TokenRecord,
     UploadRecord,
+    check_new_checkpoint,
 )
+from protocol.audit_log import AuditEvent, Checkpoint
 from protocol.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -29,9 +33,11 @@ from protocol.errors import (
     NotFound,
     Unauthenticated,
 )
+from protocol.merkle import leaf_hash
 from protocol.messages import UploadFile
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
@@ -56,7 +62,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
 CREATE TABLE IF NOT EXISTS uploads (
   upload_id TEXT PRIMARY KEY, site TEXT NOT NULL, expert_index INTEGER NOT NULL,
   manifest_key TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL,
-  created_at REAL NOT NULL, updated_at REAL NOT NULL);
+  created_at REAL NOT NULL, updated_at REAL NOT NULL, receipt_json TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS uploads_by_manifest ON uploads (site, expert_index, manifest_key);
 CREATE TABLE IF NOT EXISTS upload_files (
   upload_id TEXT NOT NULL REFERENCES uploads(upload_id), path TEXT NOT NULL,
@@ -66,6 +72,45 @@ CREATE TABLE IF NOT EXISTS ensemble (
   id INTEGER PRIMARY KEY CHECK (id = 1), manifest_json TEXT NOT NULL,
   artifact_names TEXT NOT NULL, published_at REAL NOT NULL);
 """
+    + """
+CREATE TABLE IF NOT EXISTS audit_events (
+  idx INTEGER PRIMARY KEY, canonical BLOB NOT NULL, leaf_hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, tree_size INTEGER NOT NULL,
+  checkpoint_json TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
+  BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
+  BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+  BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+  BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+"""
+)
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Brings an older store up to ``SCHEMA_VERSION`` (inside the caller's transaction).
+
+    The new tables already exist (``_SCHEMA`` creates what is missing); what remains is
+    changing existing tables.
+    """
+    if version < 2:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(uploads)")}
+        if "receipt_json" not in columns:
+            conn.execute("ALTER TABLE uploads ADD COLUMN receipt_json TEXT NOT NULL DEFAULT ''")
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _append(conn: sqlite3.Connection, event: AuditEvent) -> AuditRecord:
+    """Appends at the next index, inside the caller's write transaction (BEGIN IMMEDIATE
+    holds the database's write lock, so the count cannot change under us)."""
+    canonical = event.canonical()
+    index = conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0]
+    record = AuditRecord(index, canonical, leaf_hash(canonical))
+    conn.execute("INSERT INTO audit_events VALUES (?, ?, ?)", (index, canonical, record.leaf_hash))
+    return record
 
 
 def manifest_key(files: tuple[UploadFile, ...]) -> str:
@@ -86,17 +131,37 @@ class SqliteStore(Store):
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        self._check_not_newer()
         with self._lock:
             self._conn.executescript(_SCHEMA)  # IF NOT EXISTS: safe on every open
         with self._write() as conn:
             row = conn.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
+            elif row[0] < SCHEMA_VERSION:
+                _migrate(conn, row[0])
+            elif row[0] > SCHEMA_VERSION:
                 raise FailedPrecondition(
                     f"{self._path}: store schema version {row[0]}, this Atoll reads "
-                    f"{SCHEMA_VERSION}"
+                    f"{SCHEMA_VERSION}: upgrade Atoll"
                 )
+
+    def _check_not_newer(self) -> None:
+        # Before creating any table: a newer Atoll's store is refused, not altered.
+        with self._lock:
+            exists = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone()
+            row = (
+                self._conn.execute("SELECT version FROM schema_version").fetchone()
+                if exists
+                else None
+            )
+        if row is not None and row[0] > SCHEMA_VERSION:
+            raise FailedPrecondition(
+                f"{self._path}: store schema version {row[0]}, this Atoll reads "
+                f"{SCHEMA_VERSION}: upgrade Atoll"
+            )
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -155,7 +220,13 @@ class SqliteStore(Store):
         rows = self._read("SELECT * FROM tokens WHERE token_id = ?", (token_id,))
         return TokenRecord(**dict(rows[0])) if rows else None
 
-    def enroll_site(self, token_id: str, site: SiteRecord, now: float) -> SiteRecord:
+    def enroll_site(
+        self,
+        token_id: str,
+        site: SiteRecord,
+        now: float,
+        audit: EventFor[SiteRecord] | None = None,
+    ) -> SiteRecord:
         with self._write() as conn:
             row = conn.execute("SELECT used_at FROM tokens WHERE token_id = ?", (token_id,))
             found = row.fetchone()
@@ -170,8 +241,11 @@ class SqliteStore(Store):
                 "cert_pem = excluded.cert_pem, enrolled_at = excluded.enrolled_at",
                 (site.name, site.spiffe_id, site.cert_serial, site.cert_pem, site.enrolled_at),
             )
-            stored = conn.execute("SELECT * FROM sites WHERE name = ?", (site.name,)).fetchone()
-        return SiteRecord(**dict(stored))
+            row = conn.execute("SELECT * FROM sites WHERE name = ?", (site.name,)).fetchone()
+            stored = SiteRecord(**dict(row))
+            if audit is not None:
+                _append(conn, audit(stored))
+        return stored
 
     def get_site(self, name: str) -> SiteRecord | None:
         rows = self._read("SELECT * FROM sites WHERE name = ?", (name,))
@@ -180,16 +254,21 @@ class SqliteStore(Store):
     def list_sites(self) -> list[SiteRecord]:
         return [SiteRecord(**dict(r)) for r in self._read("SELECT * FROM sites ORDER BY name")]
 
-    def revoke_site(self, name: str, now: float) -> SiteRecord:
+    def revoke_site(
+        self, name: str, now: float, audit: EventFor[SiteRecord] | None = None
+    ) -> SiteRecord:
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM sites WHERE name = ?", (name,)).fetchone() is None:
                 raise NotFound(f"no enrolled site named {name!r}")
-            conn.execute(
+            changed = conn.execute(
                 "UPDATE sites SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
                 (now, name),
-            )
+            ).rowcount
             row = conn.execute("SELECT * FROM sites WHERE name = ?", (name,)).fetchone()
-        return SiteRecord(**dict(row))
+            site = SiteRecord(**dict(row))
+            if changed and audit is not None:
+                _append(conn, audit(site))
+        return site
 
     # -- heartbeats ----------------------------------------------------------------------
     def record_heartbeat(self, heartbeat: HeartbeatRecord) -> None:
@@ -239,7 +318,9 @@ class SqliteStore(Store):
         rows = self._read("SELECT digest, num_experts, created_at, summary_json FROM plan")
         return PlanRecord(**dict(rows[0])) if rows else None
 
-    def assign_expert(self, site: str, now: float) -> AssignmentRecord | None:
+    def assign_expert(
+        self, site: str, now: float, audit: EventFor[AssignmentRecord] | None = None
+    ) -> AssignmentRecord | None:
         with self._write() as conn:
             plan = conn.execute("SELECT digest, num_experts FROM plan WHERE id = 1").fetchone()
             if plan is None:
@@ -258,6 +339,8 @@ class SqliteStore(Store):
                 "INSERT INTO assignments VALUES (?, ?, ?, ?)",
                 (record.expert_index, record.site, record.plan_digest, record.assigned_at),
             )
+            if audit is not None:
+                _append(conn, audit(record))
         return record
 
     def get_assignment(self, site: str) -> AssignmentRecord | None:
@@ -319,9 +402,12 @@ class SqliteStore(Store):
             reason=row["reason"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            receipt_json=row["receipt_json"],
         )
 
-    def begin_upload(self, upload: UploadRecord) -> UploadRecord:
+    def begin_upload(
+        self, upload: UploadRecord, audit: EventFor[UploadRecord] | None = None
+    ) -> UploadRecord:
         key = manifest_key(upload.files)
         with self._write() as conn:
             row = conn.execute(
@@ -334,7 +420,7 @@ class SqliteStore(Store):
                 assert existing is not None
                 return existing
             conn.execute(
-                "INSERT INTO uploads VALUES (?, ?, ?, ?, 'open', '', ?, ?)",
+                "INSERT INTO uploads VALUES (?, ?, ?, ?, 'open', '', ?, ?, '')",
                 (
                     upload.upload_id,
                     upload.site,
@@ -352,7 +438,9 @@ class SqliteStore(Store):
                 ],
             )
             created = self._upload(conn, upload.upload_id)
-        assert created is not None
+            assert created is not None
+            if audit is not None:
+                _append(conn, audit(created))
         return created
 
     def get_upload(self, upload_id: str) -> UploadRecord | None:
@@ -391,7 +479,14 @@ class SqliteStore(Store):
             )
         return offset + length
 
-    def finish_upload(self, upload_id: str, state: str, reason: str, now: float) -> UploadRecord:
+    def finish_upload(
+        self,
+        upload_id: str,
+        state: str,
+        reason: str,
+        now: float,
+        audit: EventFor[UploadRecord] | None = None,
+    ) -> UploadRecord:
         if state not in ("accepted", "rejected"):
             raise InvalidArgument(f"upload state {state!r}: expected 'accepted' or 'rejected'")
         with self._write() as conn:
@@ -405,8 +500,62 @@ class SqliteStore(Store):
                 (state, reason, now, upload_id),
             )
             finished = self._upload(conn, upload_id)
-        assert finished is not None
+            assert finished is not None
+            if audit is not None:
+                _append(conn, audit(finished))
         return finished
+
+    def set_upload_receipt(self, upload_id: str, receipt_json: str) -> UploadRecord:
+        with self._write() as conn:
+            current = self._upload(conn, upload_id)
+            if current is None:
+                raise NotFound(f"unknown upload id {upload_id!r}")
+            if current.state != "accepted":
+                raise FailedPrecondition(
+                    f"upload {upload_id} is {current.state}: only an accepted upload has a receipt"
+                )
+            if current.receipt_json:
+                return current
+            conn.execute(
+                "UPDATE uploads SET receipt_json = ? WHERE upload_id = ?",
+                (receipt_json, upload_id),
+            )
+            updated = self._upload(conn, upload_id)
+        assert updated is not None
+        return updated
+
+    # -- audit log -----------------------------------------------------------------------
+    def append_audit_event(self, event: AuditEvent) -> AuditRecord:
+        with self._write() as conn:
+            return _append(conn, event)
+
+    def audit_size(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM audit_events")[0][0])
+
+    def audit_events(self, start: int = 0, end: int | None = None) -> list[AuditRecord]:
+        rows = self._read(
+            "SELECT idx, canonical, leaf_hash FROM audit_events WHERE idx >= ? AND idx < ? "
+            "ORDER BY idx",
+            (start, end if end is not None else 1 << 62),
+        )
+        return [AuditRecord(r[0], bytes(r[1]), bytes(r[2])) for r in rows]
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT checkpoint_json FROM audit_checkpoints ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            latest = None if row is None else Checkpoint.from_json(json.loads(row[0]))
+            size = conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0]
+            check_new_checkpoint(latest, checkpoint, size)
+            conn.execute(
+                "INSERT INTO audit_checkpoints (tree_size, checkpoint_json) VALUES (?, ?)",
+                (checkpoint.tree_size, json.dumps(checkpoint.to_json(), sort_keys=True)),
+            )
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        rows = self._read("SELECT checkpoint_json FROM audit_checkpoints ORDER BY seq")
+        return [Checkpoint.from_json(json.loads(r[0])) for r in rows]
 
     # -- ensemble ------------------------------------------------------------------------
     def publish_ensemble(self, ensemble: EnsembleRecord) -> None:

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from coordinator import audit
 from coordinator.state import StateDir
 from coordinator.store import SiteRecord, Store, UploadRecord
-from protocol.canonical import canonical_json
 from protocol.digests import check_sha256_hex, file_sha256
 from protocol.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from protocol.messages import CommitResult, UploadChunk, UploadFile, UploadStatus
@@ -84,7 +84,8 @@ def begin(
             expert_index=expert_index,
             files=tuple(files),
             created_at=time.time() if now is None else now,
-        )
+        ),
+        audit=audit.upload_begun_event,
     )
     upload_files_dir(state, record.upload_id).mkdir(parents=True, exist_ok=True)
     return UploadStatus(record.upload_id, record.state, dict(record.received))
@@ -196,16 +197,10 @@ class UploadWriter:
                 del self._digests[key]
 
 
-def receipt(record: UploadRecord) -> str:
-    return canonical_json(
-        {
-            "upload_id": record.upload_id,
-            "site": record.site,
-            "expert_index": record.expert_index,
-            "accepted_at": record.updated_at,
-            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in record.files],
-        }
-    ).decode()
+def _finished_result(record: UploadRecord, auditor: audit.Auditor) -> CommitResult:
+    if record.state == "accepted":
+        return CommitResult(True, "", auditor.upload_receipt(record))
+    return CommitResult(False, record.reason)
 
 
 def commit(
@@ -216,18 +211,21 @@ def commit(
     upload_id: str,
     checks: Iterable[AcceptanceCheck] = (),
     now: float | None = None,
+    *,
+    auditor: audit.Auditor,
 ) -> CommitResult:
-    """Accepts the upload if every file is complete and matches its declared digest.
+    """Accepts the upload if every file is complete and matches its declared digest and
+    every check passes.
 
     An incomplete upload is answered (not accepted) and stays open; a wrong size or digest, or
-    a failed extra check, rejects it for good. Committing a finished upload again answers the
-    same result (idempotent).
+    a failed extra check, rejects it for good. Both outcomes are recorded in the audit log
+    with the state change; an acceptance answers a receipt (event, inclusion proof, signed
+    checkpoint). Committing a finished upload again answers the same result and the same
+    receipt (idempotent).
     """
     record = _owned(store, site, upload_id)
-    if record.state == "accepted":
-        return CommitResult(True, "", receipt(record))
-    if record.state == "rejected":
-        return CommitResult(False, record.reason)
+    if record.state != "open":
+        return _finished_result(record, auditor)
     missing = [
         f"{f.path} ({record.received[f.path]}/{f.size} bytes)"
         for f in record.files
@@ -244,11 +242,22 @@ def commit(
                 break
     when = time.time() if now is None else now
     writer.forget(upload_id)
-    if reason is not None:
-        store.finish_upload(upload_id, "rejected", reason, when)
-        return CommitResult(False, reason)
-    finished = store.finish_upload(upload_id, "accepted", "", when)
-    return CommitResult(True, "", receipt(finished))
+    try:
+        if reason is not None:
+            store.finish_upload(upload_id, "rejected", reason, when, audit=audit.rejected_event)
+            return CommitResult(False, reason)
+        provenance = audit.provenance_details(root, site)
+        finished = store.finish_upload(
+            upload_id,
+            "accepted",
+            "",
+            when,
+            audit=lambda done: audit.accepted_event(done, provenance),
+        )
+    except FailedPrecondition:
+        # A concurrent commit of the same upload finished it first: answer its outcome.
+        return _finished_result(_owned(store, site, upload_id), auditor)
+    return CommitResult(True, "", auditor.upload_receipt(finished))
 
 
 def _check_files(root: Path, record: UploadRecord, writer: UploadWriter) -> str | None:

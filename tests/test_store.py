@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.store import (
     SCHEMA_VERSION,
@@ -20,6 +23,7 @@ from coordinator.store import (
     UploadRecord,
     open_store,
 )
+from protocol.audit_log import AuditEvent, AuditLog, Checkpoint
 from protocol.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -27,6 +31,7 @@ from protocol.errors import (
     NotFound,
     Unauthenticated,
 )
+from protocol.merkle import leaf_hash
 from protocol.messages import UploadFile
 
 
@@ -201,6 +206,176 @@ class TestStoreContract:
         assert store.get_ensemble() is None
         store.publish_ensemble(EnsembleRecord("{}", ("a", "b"), 1.0))
         assert store.get_ensemble() == EnsembleRecord("{}", ("a", "b"), 1.0)
+
+    # -- the audit log -------------------------------------------------------------------
+    def test_audit_events_are_dense_and_keep_their_bytes(self, store: Store) -> None:
+        assert store.audit_size() == 0 and store.audit_events() == []
+        events = [AuditEvent.new("published", {"n": i}) for i in range(5)]
+        records = [store.append_audit_event(e) for e in events]
+        assert [r.index for r in records] == [0, 1, 2, 3, 4]
+        assert store.audit_size() == 5
+        stored = store.audit_events()
+        assert stored == records
+        assert [r.canonical for r in stored] == [e.canonical() for e in events]
+        assert all(r.leaf_hash == leaf_hash(r.canonical) for r in stored)
+        assert stored[3].event() == events[3]
+        assert [r.index for r in store.audit_events(1, 3)] == [1, 2]
+        assert [r.index for r in store.audit_events(4)] == [4]
+
+    def test_racing_appends_get_distinct_dense_indexes(self, store: Store) -> None:
+        def append(worker: int) -> None:
+            for i in range(10):
+                store.append_audit_event(AuditEvent.new("published", {"w": worker, "i": i}))
+
+        threads = [threading.Thread(target=append, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.index for r in store.audit_events()] == list(range(60))
+
+    def test_state_changes_append_their_event_once(self, store: Store) -> None:
+        def event(kind: str) -> EventFn:
+            return lambda record: AuditEvent.new(kind, {"record": repr(record)[:40]})
+
+        store.add_token(token())
+        store.enroll_site("0123456789ab", site(), now=1.0, audit=event("enrolled"))
+        store.put_plan(PlanRecord("p1", 2, 1.0))
+        assert store.assign_expert("a", 2.0, audit=event("assigned")) is not None
+        again = store.assign_expert("a", 3.0, audit=event("assigned"))  # existing slot
+        assert again is not None and again.assigned_at == 2.0
+        store.begin_upload(upload("u1"), audit=event("upload_begun"))
+        assert store.begin_upload(upload("u2"), audit=event("upload_begun")).upload_id == "u1"
+        store.finish_upload("u1", "rejected", "bad", 4.0, audit=event("rejected"))
+        store.revoke_site("a", 5.0, audit=event("revoked"))
+        store.revoke_site("a", 6.0, audit=event("revoked"))  # already revoked: no event
+        kinds = [r.event().kind for r in store.audit_events()]
+        assert kinds == ["enrolled", "assigned", "upload_begun", "rejected", "revoked"]
+
+    def test_a_failing_event_builder_changes_nothing(self, store: Store) -> None:
+        def broken(record: object) -> AuditEvent:
+            raise InvalidArgument("cannot describe it")
+
+        store.add_token(token())
+        with pytest.raises(InvalidArgument):
+            store.enroll_site("0123456789ab", site(), now=1.0, audit=broken)
+        assert store.get_site("a") is None and store.get_token("0123456789ab").used_at is None  # type: ignore[union-attr]
+        enrolled(store, "b")
+        store.put_plan(PlanRecord("p1", 2, 1.0))
+        with pytest.raises(InvalidArgument):
+            store.assign_expert("b", 1.0, audit=broken)
+        assert store.get_assignment("b") is None
+        store.begin_upload(upload())
+        with pytest.raises(InvalidArgument):
+            store.finish_upload("u1", "accepted", "", 2.0, audit=broken)
+        assert store.get_upload("u1").state == "open"  # type: ignore[union-attr]
+        assert store.audit_size() == 0
+
+    def test_checkpoints_grow_in_size_and_time(self, store: Store) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        events = [AuditEvent.new("published", {"i": i}) for i in range(4)]
+        for event in events[:3]:
+            store.append_audit_event(event)
+        start = datetime(2026, 1, 1, tzinfo=UTC)
+
+        def head(size: int, minutes: int) -> Checkpoint:
+            log = AuditLog("spiffe://t/coordinator")
+            for event in events[:size]:
+                log.append(event)
+            at = (start + timedelta(minutes=minutes)).isoformat().replace("+00:00", "Z")
+            return log.checkpoint(key, at=at)
+
+        assert store.list_checkpoints() == []
+        with pytest.raises(InvalidArgument, match="holds only 3 events"):
+            store.add_checkpoint(head(4, 0))
+        store.add_checkpoint(head(2, 1))
+        store.add_checkpoint(head(3, 2))
+        with pytest.raises(FailedPrecondition, match="sign the current head again"):
+            store.add_checkpoint(head(2, 3))  # smaller than the latest
+        with pytest.raises(FailedPrecondition, match="sign the current head again"):
+            store.add_checkpoint(head(3, 0))  # dated before the latest
+        kept = head(3, 4)
+        store.add_checkpoint(kept)  # same size, later: kept
+        checkpoints = store.list_checkpoints()
+        assert [(c.tree_size, c.timestamp) for c in checkpoints] == [
+            (2, "2026-01-01T00:01:00Z"),
+            (3, "2026-01-01T00:02:00Z"),
+            (3, "2026-01-01T00:04:00Z"),
+        ]
+        assert checkpoints[-1] == kept
+
+    def test_upload_receipt_is_kept_once(self, store: Store) -> None:
+        store.begin_upload(upload())
+        with pytest.raises(FailedPrecondition, match="only an accepted upload"):
+            store.set_upload_receipt("u1", "{}")
+        with pytest.raises(NotFound):
+            store.set_upload_receipt("nope", "{}")
+        store.finish_upload("u1", "accepted", "", 2.0)
+        assert store.get_upload("u1").receipt_json == ""  # type: ignore[union-attr]
+        assert store.set_upload_receipt("u1", '{"first":1}').receipt_json == '{"first":1}'
+        assert store.set_upload_receipt("u1", '{"second":2}').receipt_json == '{"first":1}'
+        assert store.get_upload("u1").receipt_json == '{"first":1}'  # type: ignore[union-attr]
+
+
+EventFn = Callable[[object], AuditEvent]
+
+
+def test_sqlite_audit_log_is_append_only(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.append_audit_event(AuditEvent.new("published", {}))
+    store.close()
+    conn = sqlite3.connect(tmp_path / "store.db")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE audit_events SET canonical = x'00'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM audit_events")
+    conn.close()
+
+
+_VERSION_1_UPLOADS = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version VALUES (1);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('federation', 'old');
+CREATE TABLE uploads (
+  upload_id TEXT PRIMARY KEY, site TEXT NOT NULL, expert_index INTEGER NOT NULL,
+  manifest_key TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL,
+  created_at REAL NOT NULL, updated_at REAL NOT NULL);
+INSERT INTO uploads VALUES ('u0', 'a', 0, '[]', 'accepted', '', 1.0, 2.0);
+"""
+
+
+def test_sqlite_migrates_a_version_1_store(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_VERSION_1_UPLOADS)
+    conn.close()
+    store = open_store(f"sqlite:///{path}")
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.get_meta("federation") == "old"
+    old = store.get_upload("u0")
+    assert old is not None and old.state == "accepted" and old.receipt_json == ""
+    store.append_audit_event(AuditEvent.new("published", {}))
+    assert store.audit_size() == 1
+    store.close()
+    reopened = open_store(f"sqlite:///{path}")  # migrating twice is a no-op
+    assert reopened.schema_version() == 2 and reopened.audit_size() == 1
+    reopened.close()
+
+
+def test_sqlite_refuses_a_newer_store(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE schema_version (version INTEGER NOT NULL);")
+    conn.execute("INSERT INTO schema_version VALUES (99)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(FailedPrecondition, match=r"schema version 99.*upgrade Atoll"):
+        open_store(f"sqlite:///{path}")
+    conn = sqlite3.connect(path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    conn.close()
+    assert tables == {"schema_version"}  # refused before creating anything
 
 
 def test_sqlite_survives_reopen(tmp_path: Path) -> None:

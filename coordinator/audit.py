@@ -305,7 +305,11 @@ def verify_store_log(store: Store, log_id: str, public_key: ec.EllipticCurvePubl
                 raise VerificationFailed(
                     f"audit event {record.index}: its stored leaf hash does not match its bytes"
                 )
-            appended = log.append(record.event())
+            try:
+                event = record.event()
+            except (ValueError, InvalidArgument) as bad:
+                raise VerificationFailed(f"audit event {record.index}: unreadable ({bad})") from bad
+            appended = log.append(event)
             if appended.canonical != record.canonical:
                 raise VerificationFailed(
                     f"audit event {record.index}: its bytes are not canonical JSON"
@@ -356,7 +360,10 @@ def provenance_table(store: Store) -> list[ProvenanceRow]:
     revoked = {s.name for s in store.list_sites() if s.revoked_at is not None}
     rows = []
     for record in store.audit_events():
-        event = record.event()
+        try:
+            event = record.event()
+        except (ValueError, InvalidArgument):
+            continue  # a damaged entry: verify_store_log reports it
         if event.kind != "accepted":
             continue
         details = event.details

@@ -11,11 +11,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from coordinator import enrolment, sites
+from coordinator import audit, enrolment, sites
 from coordinator.federation import init_federation, load_authority
 from coordinator.federation_recipe import set_recipe
 from coordinator.state import StateDir
 from protocol.cli_support import parse_duration, run_command, setup_logging
+from protocol.exit_codes import ExitCode
 
 
 def _state(args: argparse.Namespace) -> StateDir:
@@ -111,6 +112,93 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _short(digest: str) -> str:
+    return digest[:12] if digest else "-"
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    state = _state(args)
+    store = state.open_store()
+    try:
+        auditor = audit.Auditor.open(state, store)
+        if args.export:
+            # A fresh head first, so the export's last checkpoint covers every event.
+            checkpoints = store.list_checkpoints()
+            if not checkpoints or checkpoints[-1].tree_size < store.audit_size():
+                auditor.checkpoint()
+            count = audit.export_log(store, Path(args.export))
+            print(f"exported {count} events to {args.export}", file=sys.stderr)
+        report = audit.verify_store_log(store, auditor.log_id, auditor.public_key)
+        rows = audit.provenance_table(store)
+    finally:
+        store.close()
+    code = int(ExitCode.OK if report.verified else ExitCode.VERIFY_FAILED)
+    if args.json:
+        payload = {
+            "federation": state.federation(),
+            "provenance": [row.as_json() for row in rows],
+            "log": report.as_json(),
+        }
+        print(json.dumps(payload, indent=2))
+        return code
+    table = Table(title=f"federation {state.federation()} — accepted experts")
+    for column in ("expert", "site", "base", "data", "recipe", "accepted at", "log index", ""):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row.expert),
+            row.site,
+            _short(row.base_model_digest),
+            _short(row.data_digest),
+            _short(row.recipe_digest),
+            row.accepted_at,
+            str(row.log_index),
+            "SITE REVOKED" if row.site_revoked else "",
+        )
+    console = Console()
+    console.print(table)
+    signed = f"{report.checkpoints} signed checkpoint(s)"
+    if report.unsigned_events:
+        signed += f", {report.unsigned_events} event(s) after the latest"
+    if report.verified:
+        console.print(
+            f"audit log {report.log_id}: {report.size} events, root {report.root_hash[:16]}.., "
+            f"{signed}: verified"
+        )
+    else:
+        console.print(f"audit log {report.log_id}: VERIFICATION FAILED: {report.error}")
+    return code
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    state = _state(args)
+    store = state.open_store()
+    try:
+        site = store.revoke_site(args.site, time.time(), audit=audit.revoked_event)
+        audit.Auditor.open(state, store).checkpoint()
+        delivered = [row for row in audit.provenance_table(store) if row.site == site.name]
+    finally:
+        store.close()
+    assert site.revoked_at is not None
+    result = {
+        "site": site.name,
+        "spiffe_id": site.spiffe_id,
+        "revoked_at": site.revoked_at,
+        "flagged_experts": [row.as_json() for row in delivered],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"site {site.name} revoked: its certificate is refused from now on", file=sys.stderr)
+    for row in delivered:
+        print(
+            f"flagged: expert {row.expert} (log index {row.log_index}) was delivered by "
+            f"{site.name}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -155,6 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
+
+    p = commands.add_parser(
+        "audit", help="the provenance of accepted experts and the audit log's verification"
+    )
+    p.add_argument("--state", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--export",
+        metavar="FILE",
+        help="also write the log as JSON lines, with a fresh signed checkpoint (what "
+        "protocol.audit_log.verify_log_file checks offline)",
+    )
+    p.set_defaults(fn=cmd_audit)
+
+    p = commands.add_parser("revoke", help="refuse a site's certificate from now on")
+    p.add_argument("--state", required=True)
+    p.add_argument("site", help="the site's name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_revoke)
     return parser
 
 

@@ -3,15 +3,116 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Callable
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 from protocol import PROTOCOL_VERSION
 from protocol.cli_support import run_command, setup_logging
+from protocol.errors import AtollError, InvalidArgument, NotFound
+from protocol.provenance import VerifiedExpert, verify_expert
+from protocol.signing import SIGNATURE_FILE
 
 
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"atoll {version('atoll')} (protocol {PROTOCOL_VERSION})")
+    return 0
+
+
+def expert_report(verified: VerifiedExpert) -> dict[str, Any]:
+    """What `atoll verify` prints about a verified expert directory."""
+    provenance = verified.provenance
+    run = provenance.run
+    certificate = verified.model.signer_certificate
+    return {
+        "kind": "expert",
+        "verified": True,
+        "signer": {
+            "spiffe_id": verified.model.signer_spiffe_id,
+            "certificate_serial": f"{certificate.serial_number:x}",
+            "subject": certificate.subject.rfc4514_string(),
+        },
+        "model_root_digest": verified.model.digests.root_sha256,
+        "files": len(verified.model.digests.files),
+        "provenance": {
+            "builder_id": provenance.builder_id,
+            "expert_index": run.expert_index,
+            "assignment_digest": run.assignment_digest,
+            "recipe_digest": run.recipe_digest,
+            "base_model_digest": run.base_model_digest,
+            "shard_manifest_digest": run.shard_manifest_digest,
+            "atoll_version": run.atoll_version,
+            "invocation_id": run.invocation_id,
+            "started_on": run.started_on.isoformat(),
+            "finished_on": run.finished_on.isoformat(),
+            "steps": run.steps,
+            "final_loss": run.final_loss,
+            "gpus": list(run.gpus),
+        },
+    }
+
+
+def _verify_expert_dir(path: Path, trusted_ca_pem: bytes) -> dict[str, Any]:
+    return expert_report(verify_expert(path, trusted_ca_pem=trusted_ca_pem))
+
+
+# What `atoll verify` recognises, by the file that marks it; the ensemble issue adds
+# ("atoll_ensemble.json", verify_ensemble_dir) in front.
+VERIFIERS: list[tuple[str, Callable[[Path, bytes], dict[str, Any]]]] = [
+    (SIGNATURE_FILE, _verify_expert_dir),
+]
+
+
+def verify_path(path: Path, trusted_ca_pem: bytes) -> dict[str, Any]:
+    """Verifies an expert directory (or, later, an ensemble directory) offline.
+
+    Raises:
+        VerificationFailed: Naming the check and file that failed.
+        NotFound: ``path`` is not a directory Atoll signs.
+    """
+    if not path.is_dir():
+        raise NotFound(f"{path}: not a directory")
+    for marker, verifier in VERIFIERS:
+        if (path / marker).exists():
+            return {"path": str(path), **verifier(path, trusted_ca_pem)}
+    markers = " or ".join(marker for marker, _ in VERIFIERS)
+    raise NotFound(f"{path}: no {markers}; not a signed Atoll expert directory")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    provenance = report["provenance"]
+    print(f"{report['path']}: verified {report['kind']} ({report['files']} signed files)")
+    print(f"  signed by       {report['signer']['spiffe_id']}")
+    print(f"  model digest    {report['model_root_digest']}")
+    print(f"  expert          {provenance['expert_index']}")
+    print(f"  base model      {provenance['base_model_digest']}")
+    print(f"  data (shard)    {provenance['shard_manifest_digest']}")
+    print(f"  recipe          {provenance['recipe_digest']}")
+    print(f"  assignment      {provenance['assignment_digest']}")
+    print(f"  trained         {provenance['started_on']} .. {provenance['finished_on']}")
+    print(f"  steps, loss     {provenance['steps']}, {provenance['final_loss']}")
+    print(f"  atoll           {provenance['atoll_version']}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    try:
+        trusted = Path(args.trust).read_bytes()
+    except OSError as error:
+        raise InvalidArgument(f"--trust {args.trust}: cannot read it ({error})") from error
+    try:
+        report = verify_path(path, trusted)
+    except AtollError as error:
+        if args.json:
+            print(json.dumps({"path": str(path), "verified": False, "error": str(error)}))
+        raise
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
     return 0
 
 
@@ -21,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("version", help="print the Atoll and protocol versions")
     p.set_defaults(fn=cmd_version)
+
+    p = commands.add_parser(
+        "verify", help="verify a signed expert directory offline and print its provenance"
+    )
+    p.add_argument("path", help="the expert directory")
+    p.add_argument("--trust", required=True, help="the federation CA certificate (PEM)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_verify)
     return parser
 
 

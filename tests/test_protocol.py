@@ -100,6 +100,8 @@ def test_cli_flags_are_pinned() -> None:
         "recipe": ["--base-model", "--help", "--json", "--recipe", "--state", "-h"],
         "serve": ["--enrol-listen", "--heartbeat-seconds", "--help", "--listen", "--state", "-h"],
         "status": ["--help", "--json", "--state", "-h"],
+        "audit": ["--export", "--help", "--json", "--state", "-h"],
+        "revoke": ["--help", "--json", "--state", "-h", "site"],
     }
     assert _flags(site_parser()) == {
         "join": [
@@ -117,4 +119,7 @@ def test_cli_flags_are_pinned() -> None:
         "train": ["--assignment", "--base-model", "--help", "--image-root", "--workdir", "-h"],
         "upload": ["--coordinator", "--help", "--workdir", "-h"],
     }
-    assert _flags(atoll_parser()) == {"version": ["--help", "-h"]}
+    assert _flags(atoll_parser()) == {
+        "version": ["--help", "-h"],
+        "verify": ["--help", "--json", "--trust", "-h", "path"],
+    }

@@ -171,21 +171,10 @@ def provenance_details(directory: Path, site: SiteRecord) -> dict[str, Any] | No
         provenance = verify_provenance(envelope, key)
     except (OSError, VerificationFailed, InvalidArgument):
         return None
-    run = provenance.run
     return {
         "model_root_digest": digests.root_sha256,
         "builder_id": provenance.builder_id,
-        "expert_index": run.expert_index,
-        "assignment_digest": run.assignment_digest,
-        "recipe_digest": run.recipe_digest,
-        "base_model_digest": run.base_model_digest,
-        "shard_manifest_digest": run.shard_manifest_digest,
-        "atoll_version": run.atoll_version,
-        "invocation_id": run.invocation_id,
-        "started_on": run.started_on.isoformat(),
-        "finished_on": run.finished_on.isoformat(),
-        "steps": run.steps,
-        "final_loss": run.final_loss,
+        **provenance.run.to_json(),
     }
 
 

@@ -25,7 +25,6 @@ def cmd_version(args: argparse.Namespace) -> int:
 def expert_report(verified: VerifiedExpert) -> dict[str, Any]:
     """What `atoll verify` prints about a verified expert directory."""
     provenance = verified.provenance
-    run = provenance.run
     certificate = verified.model.signer_certificate
     return {
         "kind": "expert",
@@ -37,21 +36,7 @@ def expert_report(verified: VerifiedExpert) -> dict[str, Any]:
         },
         "model_root_digest": verified.model.digests.root_sha256,
         "files": len(verified.model.digests.files),
-        "provenance": {
-            "builder_id": provenance.builder_id,
-            "expert_index": run.expert_index,
-            "assignment_digest": run.assignment_digest,
-            "recipe_digest": run.recipe_digest,
-            "base_model_digest": run.base_model_digest,
-            "shard_manifest_digest": run.shard_manifest_digest,
-            "atoll_version": run.atoll_version,
-            "invocation_id": run.invocation_id,
-            "started_on": run.started_on.isoformat(),
-            "finished_on": run.finished_on.isoformat(),
-            "steps": run.steps,
-            "final_loss": run.final_loss,
-            "gpus": list(run.gpus),
-        },
+        "provenance": {"builder_id": provenance.builder_id, **provenance.run.to_json()},
     }
 
 

@@ -138,6 +138,14 @@ class TrainingRun:
         if not math.isfinite(self.final_loss):
             raise InvalidArgument(f"final_loss: expected a finite number, got {self.final_loss}")
 
+    def to_json(self) -> dict[str, Any]:
+        """The run as a flat JSON object (times as RFC 3339), for reports and audit events."""
+        value = {f.name: getattr(self, f.name) for f in fields(self)}
+        value["started_on"] = _rfc3339(self.started_on)
+        value["finished_on"] = _rfc3339(self.finished_on)
+        value["gpus"] = list(self.gpus)
+        return value
+
 
 @dataclass(frozen=True)
 class ExpertProvenance:

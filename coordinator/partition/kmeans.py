@@ -61,14 +61,18 @@ __all__ = [
 # Points whose similarity rows are computed in one matrix multiply: 32k x 512 float32 is 64 MiB
 # of features and (at K = 128) 16 MiB of similarities, small next to the feature matrix.
 DEFAULT_BLOCK = 32_768
-# Below this many points the auction runs on all of them from zero prices; above it, starting
-# prices come from a random subsample of this size (prices transfer: they are K numbers).
-_COLD_START_SAMPLE = 32_768
+# When more than this fraction of points sit in over-full clusters, prices are first settled on
+# a random 1/_MULTISCALE_FACTOR of the points (if that leaves at least _MULTISCALE_BASE).
+_MULTISCALE_EXCESS = 0.01
+_MULTISCALE_FACTOR = 8
+_MULTISCALE_BASE = 4096
 # Prices within this of optimal are good enough: cosines are in [-1, 1], so the total is within
 # N * 1e-6 of the optimum, far inside the 99.9 % quality bar and above float32 noise in sums.
 DEFAULT_EPSILON = 1e-6
-# Auction rounds without less total excess before the exact shortest-path finish takes over.
+# Auction rounds without less total excess before the exact shortest-path finish takes over,
+# and the total excess below which it takes over anyway (each path settles one unit).
 _AUCTION_PATIENCE = 4
+_SHORTEST_PATH_EXCESS = 8
 # Newton steps on the prices pay off once loads are smooth functions of the prices.
 _NEWTON_MIN_POINTS = 4096
 
@@ -242,6 +246,12 @@ def _auction(
     piece and no piece ever splits. With masses (the two-stage coarse step: a fine cluster of
     ``w`` samples is a row of mass ``w``) a row can be split across clusters.
 
+    Each round, every over-full cluster raises its price just past the margin of its
+    ``excess``-th lowest-margin member, and those members move to their best cluster under the
+    new prices. Margins are kept as lower bounds that stay valid as prices rise (a member's
+    margin only falls when its own price rises, by exactly that much), so a round computes
+    exact margins only for the few members that could be shed, not for every member.
+
     Returns:
         ``(rows, clusters, masses, prices)`` of the final pieces; ``prices`` is a new array.
     """
@@ -253,7 +263,9 @@ def _auction(
     piece_mass = np.ones(n, dtype=np.float64) if mass is None else mass.astype(np.float64)
     if unit and n > _NEWTON_MIN_POINTS:
         prices, _, _ = _newton_prices(similarity, capacities, prices, target=_newton_target(n, k))
-    piece_cluster, _, _ = _priced_argmax(similarity, prices)
+    piece_cluster, margins, _ = _priced_argmax(similarity, prices)
+    # anchor - price[own cluster] is a lower bound on a piece's margin while prices only rise.
+    anchor = margins + prices[piece_cluster]
     best_excess, stalled = np.inf, 0
     for _round in range(max_rounds):
         load = np.bincount(piece_cluster, weights=piece_mass, minlength=k)
@@ -264,22 +276,16 @@ def _auction(
         total_excess = float(excess[over].sum())
         stalled = stalled + 1 if total_excess >= best_excess else 0
         best_excess = min(best_excess, total_excess)
-        if stalled >= _AUCTION_PATIENCE:
-            # A price war: a few units bounce between full clusters while prices creep up by
-            # epsilon. Shortest paths raise the whole group of full clusters at once.
+        if stalled >= _AUCTION_PATIENCE or total_excess <= _SHORTEST_PATH_EXCESS:
+            # A price war (a few units bouncing between full clusters while prices creep up by
+            # epsilon) or a short tail: shortest paths raise whole groups of clusters at once.
             return _shortest_paths(
                 similarity, capacities, prices, piece_row, piece_cluster, piece_mass, epsilon
             )
-        sel = np.flatnonzero(over[piece_cluster])
+        sel, margin = _lowest_margins(
+            similarity, prices, piece_row, piece_cluster, piece_mass, anchor, excess, over
+        )
         own_cluster = piece_cluster[sel]
-        values = similarity[piece_row[sel]].astype(np.float64) - prices
-        picked = np.arange(sel.size)
-        own = values[picked, own_cluster]
-        values[picked, own_cluster] = -np.inf
-        margin = own - values.max(axis=1) if k > 1 else np.full(sel.size, np.inf)
-        # Within each over-full cluster, shed the lowest-margin mass until the excess is gone.
-        order = np.lexsort((margin, own_cluster))
-        sel, margin, own_cluster = sel[order], margin[order], own_cluster[order]
         sel_mass = piece_mass[sel]
         cumulative = np.cumsum(sel_mass)
         starts = np.flatnonzero(np.r_[True, own_cluster[1:] != own_cluster[:-1]])
@@ -295,9 +301,6 @@ def _auction(
         np.maximum.at(threshold, own_cluster[shed], margin[shed])
         raised = np.isfinite(threshold)
         prices[raised] += threshold[raised] + epsilon
-        if not np.all(np.isfinite(prices)):
-            # Only a single-cluster problem can get here, and it never has excess.
-            raise RuntimeError("balanced assignment: a cluster price diverged")
         partial = shed & (shed_amount < sel_mass - 0.5)
         if partial.any():
             # The shed part of a split piece becomes a new piece; the rest stays put.
@@ -306,17 +309,94 @@ def _auction(
             piece_row = np.concatenate([piece_row, piece_row[split]])
             piece_cluster = np.concatenate([piece_cluster, piece_cluster[split]])
             piece_mass = np.concatenate([piece_mass, shed_amount[partial]])
+            anchor = np.concatenate([anchor, anchor[split]])
             new_pieces = np.arange(piece_row.size - split.size, piece_row.size)
             moving = np.concatenate([sel[shed & ~partial], new_pieces])
         else:
             moving = sel[shed]
         values = similarity[piece_row[moving]].astype(np.float64) - prices
-        piece_cluster[moving] = values.argmax(axis=1)
+        target = values.argmax(axis=1)
+        piece_cluster[moving] = target
+        anchor[moving] = _exact_margins(values, target) + prices[target]
         if not unit:
-            piece_row, piece_cluster, piece_mass = _merge_pieces(
-                piece_row, piece_cluster, piece_mass, k
+            piece_row, piece_cluster, piece_mass, anchor = _merge_pieces(
+                piece_row, piece_cluster, piece_mass, anchor, k
             )
     raise RuntimeError(f"balanced assignment did not finish within {max_rounds} auction rounds")
+
+
+def _exact_margins(values: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """``values[i, own[i]]`` minus the best other value of row i (``values`` is overwritten)."""
+    rows = np.arange(values.shape[0])
+    mine = values[rows, own].copy()
+    if values.shape[1] == 1:
+        return np.full(values.shape[0], np.inf)
+    values[rows, own] = -np.inf
+    return mine - values.max(axis=1)
+
+
+def _group_order(group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Indices sorting by group, then by key: one float argsort (np.lexsort is ~10x slower).
+
+    Keys are margins, within a few units of zero; squashing them into (0, 1) keeps their order
+    and float64 keeps them distinct at the precision that matters (epsilon = 1e-6).
+    """
+    squashed = 0.5 + np.arctan(key) / np.pi  # monotone, in (0, 1); +-inf map to 1 and 0
+    return np.argsort(group * 2.0 + squashed, kind="stable")
+
+
+def _lowest_margins(
+    similarity: np.ndarray,
+    prices: np.ndarray,
+    piece_row: np.ndarray,
+    piece_cluster: np.ndarray,
+    piece_mass: np.ndarray,
+    anchor: np.ndarray,
+    excess: np.ndarray,
+    over: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest-margin members of every over-full cluster, grouped by cluster and sorted by
+    exact margin within each group, enough of them to cover each cluster's excess.
+
+    Exact margins are computed for the members with the lowest lower bounds only; the set is
+    widened until no member left out could have a lower margin than the ones kept.
+    """
+    members = np.flatnonzero(over[piece_cluster])
+    own = piece_cluster[members]
+    bound = anchor[members] - prices[own]
+    order = _group_order(own, bound)
+    members, own, bound = members[order], own[order], bound[order]
+    starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
+    group = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, members.size]))
+    # Members of a cluster at least as numerous as its excess, in units of mass.
+    cumulative = np.cumsum(piece_mass[members])
+    before = cumulative - piece_mass[members] - (cumulative - piece_mass[members])[starts][group]
+    widen = 2
+    while True:
+        need = excess[own] * widen + 8
+        chosen = before < need
+        values = similarity[piece_row[members[chosen]]].astype(np.float64) - prices
+        exact = _exact_margins(values, own[chosen])
+        anchor[members[chosen]] = exact + prices[own[chosen]]
+        # The excess-th smallest exact margin per cluster must not exceed the lowest bound of
+        # the members left out; otherwise widen.
+        sub_members, sub_own = members[chosen], own[chosen]
+        sub_order = _group_order(sub_own, exact)
+        sub_members, sub_own, exact = sub_members[sub_order], sub_own[sub_order], exact[sub_order]
+        sub_mass = piece_mass[sub_members]
+        sub_starts = np.flatnonzero(np.r_[True, sub_own[1:] != sub_own[:-1]])
+        sub_group = np.repeat(np.arange(sub_starts.size), np.diff(np.r_[sub_starts, sub_own.size]))
+        sub_cum = np.cumsum(sub_mass)
+        sub_before = sub_cum - sub_mass - (sub_cum - sub_mass)[sub_starts][sub_group]
+        covering = sub_before < excess[sub_own]
+        worst = np.full(excess.size, -np.inf)
+        np.maximum.at(worst, sub_own[covering], exact[covering])
+        left_out = ~chosen
+        lowest_left = np.full(excess.size, np.inf)
+        np.minimum.at(lowest_left, own[left_out], bound[left_out])
+        if np.all(worst[over] <= lowest_left[over]) or chosen.all():
+            return sub_members, exact
+        widen *= 4
 
 
 def _shortest_paths(
@@ -333,52 +413,49 @@ def _shortest_paths(
     Moving piece i from cluster a to b costs ``(s_ia - p_a) - (s_ib - p_b) >= -epsilon``; the
     cheapest such move per (a, b) is ``move[a, b] - p_a + p_b`` with ``move`` independent of
     the prices, so after each augmentation only the rows of clusters whose members changed are
-    recomputed. Dijkstra runs from every over-full cluster at once; raising each settled
-    cluster's price by how much closer it is than the nearest under-full cluster keeps every
-    piece within epsilon of its best cluster (the Hungarian method's dual update).
+    recomputed. Dijkstra runs from every over-full cluster at once; raising each cluster's
+    price by how much closer it is than the nearest under-full cluster keeps every piece
+    within epsilon of its best cluster (the Hungarian method's dual update).
     """
+    from scipy.sparse.csgraph import csgraph_from_dense, dijkstra
+
     k = similarity.shape[1]
+    prices = prices.copy()
     piece_row, piece_cluster, piece_mass = piece_row.copy(), piece_cluster.copy(), piece_mass.copy()
     move = np.full((k, k), np.inf)
     best_piece = np.zeros((k, k), dtype=np.int64)
 
     def refresh(cluster: int) -> None:
         members = np.flatnonzero(piece_cluster == cluster)
-        if members.size == 0:
-            move[cluster], best_piece[cluster] = np.inf, 0
-            return
-        rows = similarity[piece_row[members]].astype(np.float64)
-        cost = rows[:, cluster : cluster + 1] - rows
-        pick = cost.argmin(axis=0)
-        move[cluster] = cost[pick, np.arange(k)]
-        best_piece[cluster] = members[pick]
-        move[cluster, cluster] = np.inf
+        move[cluster], best_piece[cluster] = np.inf, 0
+        if members.size:
+            rows = similarity[piece_row[members]].astype(np.float64)
+            cost = rows[:, cluster : cluster + 1] - rows
+            pick = cost.argmin(axis=0)
+            move[cluster] = cost[pick, np.arange(k)]
+            best_piece[cluster] = members[pick]
+            move[cluster, cluster] = np.inf
 
     for cluster in range(k):
         refresh(cluster)
     while True:
         load = np.bincount(piece_cluster, weights=piece_mass, minlength=k)
         excess = load - capacities
-        if not (excess > 0.5).any():
+        sources = np.flatnonzero(excess > 0.5)
+        if sources.size == 0:
             return piece_row, piece_cluster, piece_mass, prices
+        # Reduced costs are >= -epsilon; clamping at zero keeps Dijkstra exact up to epsilon.
         reduced = np.maximum(move - prices[:, None] + prices[None, :], 0.0)
-        distance = np.where(excess > 0.5, 0.0, np.inf)
-        parent = np.full(k, -1, dtype=np.int64)
-        done = np.zeros(k, dtype=bool)
-        while True:
-            node = int(np.argmin(np.where(done, np.inf, distance)))
-            if not np.isfinite(distance[node]):
-                raise RuntimeError("balanced assignment: no path to a cluster with room")
-            done[node] = True
-            if excess[node] < -0.5:
-                break
-            through = distance[node] + reduced[node]
-            better = ~done & (through < distance)
-            distance[better] = through[better]
-            parent[better] = node
-        sink, reach = node, distance[node]
-        settled = done & (distance < reach)
-        prices[settled] += reach - distance[settled]
+        graph = csgraph_from_dense(reduced, null_value=np.inf)
+        distance, parent, _ = dijkstra(
+            graph, indices=sources, min_only=True, return_predecessors=True
+        )
+        sinks = np.flatnonzero(excess < -0.5)
+        sink = int(sinks[np.argmin(distance[sinks])])
+        reach = float(distance[sink])
+        if not np.isfinite(reach):
+            raise RuntimeError("balanced assignment: no path to a cluster with room")
+        prices += np.maximum(reach - distance, 0.0)
         path = [sink]
         while parent[path[-1]] >= 0:
             path.append(int(parent[path[-1]]))
@@ -405,13 +482,16 @@ def _newton_target(n: int, k: int) -> float:
 
 
 def _merge_pieces(
-    rows: np.ndarray, clusters: np.ndarray, masses: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows: np.ndarray, clusters: np.ndarray, masses: np.ndarray, anchor: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pieces of the same row in the same cluster become one (keeps the weighted state small)."""
     keys, inverse = np.unique(rows * k + clusters, return_inverse=True)
     merged = np.bincount(inverse, weights=masses)
+    # Pieces of one row in one cluster have the same margin; the smaller bound stays valid.
+    bound = np.full(keys.size, np.inf)
+    np.minimum.at(bound, inverse, anchor)
     keep = merged > 0.5
-    return (keys // k)[keep], (keys % k)[keep], merged[keep]
+    return (keys // k)[keep], (keys % k)[keep], merged[keep], bound[keep]
 
 
 def balanced_assignment(
@@ -448,9 +528,7 @@ def balanced_assignment(
             f"capacities must be {k} non-negative integers summing to {n}, got {capacities}"
         )
     similarity = np.ascontiguousarray(similarity, dtype=np.float32)
-    if prices is None:
-        prices = _starting_prices(similarity, seed, epsilon)
-    prices = np.asarray(prices, dtype=np.float64)
+    prices = np.zeros(k) if prices is None else np.asarray(prices, dtype=np.float64)
     if labels is None or margins is None:
         labels, margins, _ = _priced_argmax(similarity, prices)
     else:
@@ -459,6 +537,23 @@ def balanced_assignment(
     excess = int(np.maximum(counts - capacities, 0).sum())
     if excess == 0:
         return labels, prices
+    if excess > _MULTISCALE_EXCESS * n and n >= _MULTISCALE_FACTOR * max(_MULTISCALE_BASE, 32 * k):
+        # Prices far from right (a cold start, or centroids that moved a lot): settle them on a
+        # random 1/8 of the points first (recursively), where the same work is 8x cheaper;
+        # prices are K numbers and transfer, leaving only sampling noise to fix here.
+        rng = np.random.default_rng(np.random.SeedSequence([seed, n]))
+        sample = np.sort(rng.choice(n, n // _MULTISCALE_FACTOR, replace=False))
+        _, prices = balanced_assignment(
+            similarity[sample],
+            _proportional(capacities, sample.size),
+            prices=prices,
+            epsilon=epsilon,
+            seed=seed + 1,
+        )
+        labels, margins, _ = _priced_argmax(similarity, prices)
+        excess = int(np.maximum(np.bincount(labels, minlength=k) - capacities, 0).sum())
+        if excess == 0:
+            return labels, prices
     # Only points with small margins can change cluster; solve on those, hold the rest, then
     # prove the held points still sit in their best priced cluster under the new prices.
     size = min(n, max(8 * excess, 16 * k, 4096))
@@ -492,17 +587,12 @@ def balanced_assignment(
         start_prices = new_prices
 
 
-def _starting_prices(similarity: np.ndarray, seed: int, epsilon: float) -> np.ndarray:
-    """Prices from a random subsample: zero when the problem is small enough to solve cold."""
-    n, k = similarity.shape
-    if n <= _COLD_START_SAMPLE:
-        return np.zeros(k)
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, _COLD_START_SAMPLE, replace=False))
-    _, _, _, prices = _auction(
-        similarity[sample], balanced_sizes(sample.size, k), np.zeros(k), None, epsilon
-    )
-    return prices
+def _proportional(capacities: np.ndarray, size: int) -> np.ndarray:
+    """Capacities for a subsample of ``size`` rows, in proportion (largest remainders)."""
+    exact = capacities * (size / capacities.sum())
+    out = np.floor(exact).astype(np.int64)
+    out[np.argsort(out - exact, kind="stable")[: size - int(out.sum())]] += 1
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,14 +698,14 @@ def balanced_spherical_kmeans(
             best, second, arg, _ = _top2(sim_t[start:stop] - price_t, num_clusters)
             guess[start:stop] = arg.numpy()
             margins[start:stop] = (best - second).numpy()
-        if prices is None:
-            # Cold start: the zero-price argmax can be far from balanced; estimate prices on a
-            # subsample first unless the problem is small.
-            prices = _starting_prices(similarity, seed + iteration, epsilon)
-            if prices.any():
-                guess, margins, _ = _priced_argmax(similarity, prices, block_size)
         new_labels, prices = balanced_assignment(
-            similarity, capacities, prices=prices, epsilon=epsilon, labels=guess, margins=margins
+            similarity,
+            capacities,
+            prices=prices,
+            epsilon=epsilon,
+            seed=seed + iteration,
+            labels=guess,
+            margins=margins,
         )
         changed = int((new_labels != labels).sum())
         labels = new_labels

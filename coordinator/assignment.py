@@ -112,7 +112,7 @@ def get_assignment(
             reason=f"all {plan.num_experts} expert slots are held by other sites",
             retry_after_seconds=PENDING_RETRY_SECONDS * 4,
         )
-    issued = _issue(federation, record, plan.num_experts, recipe, store.list_artifacts())
+    issued = _issue(federation, record, plan.num_experts, recipe, artifacts)
     return AssignmentReply(
         AssignmentStatus.ASSIGNED,
         expert_index=record.expert_index,

@@ -10,9 +10,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from protocol import PROTOCOL_VERSION
+from protocol.audit_log import Receipt, verify_log_file, verify_receipt
 from protocol.cli_support import run_command, setup_logging
-from protocol.errors import AtollError, InvalidArgument, NotFound
+from protocol.errors import AtollError, InvalidArgument, NotFound, VerificationFailed
 from protocol.provenance import VerifiedExpert, verify_expert
 from protocol.signing import SIGNATURE_FILE
 
@@ -101,6 +105,57 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coordinator_key(path: str) -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as error:
+        raise InvalidArgument(f"--key {path}: not a PEM public key ({error})") from error
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise InvalidArgument(f"--key {path}: expected the coordinator's P-256 public key")
+    return key
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    key = _coordinator_key(args.key)
+    receipts = []
+    for name in args.receipt or []:
+        try:
+            receipts.append(Receipt.from_json(json.loads(Path(name).read_bytes())))
+        except (OSError, ValueError) as error:
+            raise InvalidArgument(f"--receipt {name}: unreadable ({error})") from error
+    try:
+        for receipt in receipts:
+            verify_receipt(receipt, key)
+        # The receipts' checkpoints are trusted heads the log must agree with: a log cut
+        # short of one of them is truncated.
+        result = verify_log_file(Path(args.log), key, trusted=[r.checkpoint for r in receipts])
+        for receipt in receipts:
+            if result.events[receipt.index] != receipt.event:
+                raise VerificationFailed(
+                    f"{args.log}: event {receipt.index} is not the event of the receipt"
+                )
+    except VerificationFailed as error:
+        if args.json:
+            print(json.dumps({"log": args.log, "verified": False, "error": str(error)}))
+        raise
+    report = {
+        "log": args.log,
+        "verified": True,
+        "events": result.tree_size,
+        "root_hash": result.root_hash,
+        "checkpoints": len(result.checkpoints),
+        "receipts": len(receipts),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"{args.log}: verified {result.tree_size} events, root {result.root_hash[:16]}.., "
+            f"{len(result.checkpoints)} checkpoint(s), {len(receipts)} receipt(s)"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atoll", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -115,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", required=True, help="the federation CA certificate (PEM)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_verify)
+
+    p = commands.add_parser(
+        "audit", help="verify an exported audit log (`coordinator audit --export`) offline"
+    )
+    p.add_argument("log", help="the JSON-lines export")
+    p.add_argument("--key", required=True, help="the coordinator's public key (signing.pub)")
+    p.add_argument(
+        "--receipt",
+        action="append",
+        help="a receipt (CommitUpload's) whose event and checkpoint the log must hold; repeatable",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_audit)
     return parser
 
 

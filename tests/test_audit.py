@@ -335,6 +335,15 @@ def test_audit_cli_export_verifies_and_tampering_is_caught(
     verified = verify_log_file(export, key, trusted=[receipt.checkpoint])
     assert verified.tree_size == log["size"] and verified.root_hash == log["root_hash"]
 
+    # The auditor's offline check, with the receipt a site kept.
+    receipt_file = tmp_path / "receipt.json"
+    receipt_file.write_text(result.receipt_json)
+    pub = str(fed.running.state.signing_pub)
+    atoll_audit = ["audit", str(export), "--key", pub, "--receipt", str(receipt_file), "--json"]
+    assert atoll_main(atoll_audit) == 0
+    offline = json.loads(capsys.readouterr().out)
+    assert offline["verified"] and offline["root_hash"] == log["root_hash"]
+
     lines = export.read_bytes().splitlines(keepends=True)
     events = [i for i, line in enumerate(lines) if json.loads(line)["type"] == "event"]
     # Truncated: the tail cut off, checked against the checkpoint of a receipt held.
@@ -342,6 +351,9 @@ def test_audit_cli_export_verifies_and_tampering_is_caught(
     truncated.write_bytes(b"".join(lines[: events[receipt.index]]))
     with pytest.raises(VerificationFailed, match="truncated"):
         verify_log_file(truncated, key, trusted=[receipt.checkpoint])
+    atoll_audit[1] = str(truncated)
+    assert atoll_main(atoll_audit) == ExitCode.VERIFY_FAILED
+    assert "truncated" in json.loads(capsys.readouterr().out)["error"]
     # Reordered: two events swapped, as lines or with their indexes rewritten.
     first, second = events[0], events[1]
     swapped = list(lines)

@@ -608,6 +608,9 @@ def write_plan(state: StateDir, plan: Plan) -> PlanWriteResult:
                 summary_json=canonical_json(plan.summary).decode(),
             )
         )
+        if changed:
+            # A plan with fewer experts must not leave the old plan's extra shards served.
+            store.remove_artifacts("partition/")
         register_artifact(
             state, store, "partition/centroids.safetensors", final / "centroids.safetensors"
         )

@@ -103,11 +103,19 @@ def load_dataset(path: Path) -> Dataset:
     """
     raw = _read(path, "data set")
     text = raw.decode("utf-8", errors="strict") if raw else ""
-    stripped = text.lstrip()
-    if path.suffix == ".jsonl" or (stripped and stripped[0] not in "[{"):
+    if path.suffix == ".jsonl":
         samples = _llava_samples(_jsonl_records(text, path), path)
         return Dataset(path, "llava", hashlib.sha256(raw).hexdigest(), samples, None, {})
-    document = _parse_json(text, path)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data" and text.lstrip().startswith("{"):
+            # Several objects one after another: JSONL under another file name.
+            samples = _llava_samples(_jsonl_records(text, path), path)
+            return Dataset(path, "llava", hashlib.sha256(raw).hexdigest(), samples, None, {})
+        raise InvalidArgument(
+            f"{path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
     if isinstance(document, list):
         records = ((f"[{index}]", record) for index, record in enumerate(document))
         samples = _llava_samples(records, path)
@@ -129,15 +137,6 @@ def _read(path: Path, what: str) -> bytes:
         raise InvalidArgument(f"{what} {path}: is a directory, expected a file") from None
     except OSError as error:
         raise InvalidArgument(f"{what} {path}: unreadable ({error.strerror})") from None
-
-
-def _parse_json(text: str, path: Path) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InvalidArgument(
-            f"{path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
-        ) from None
 
 
 def _jsonl_records(text: str, path: Path) -> Iterator[tuple[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -145,9 +147,12 @@ def test_kmeans_recovers_equal_well_separated_clusters() -> None:
 def test_kmeans_objective_never_decreases() -> None:
     objectives: list[float] = []
     balanced_spherical_kmeans(
-        unit_rows(2000, 8, seed=11, centres=3), 5, seed=2, progress=lambda _i, o: objectives.append(o)
+        unit_rows(2000, 8, seed=11, centres=3),
+        5,
+        seed=2,
+        progress=lambda _i, o: objectives.append(o),
     )
-    assert all(b >= a - 1e-3 for a, b in zip(objectives, objectives[1:], strict=False))
+    assert all(b >= a - 1e-3 for a, b in itertools.pairwise(objectives))
 
 
 def test_kmeans_rejects_bad_inputs() -> None:

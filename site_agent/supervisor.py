@@ -37,6 +37,7 @@ signal), ``cause``, ``delay_seconds`` and ``restarts_left``.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -381,6 +382,7 @@ class Supervisor:
                 errors="replace",
                 bufsize=1,
                 start_new_session=True,
+                preexec_fn=_stop_with_parent,
             )
         log.info("[Supervisor.run] attempt %d: trainer pid %d", attempt, process.pid)
         return process
@@ -448,6 +450,17 @@ class Supervisor:
         return TrainingFailed(
             message, child_exit_code=result.exit_code, restarts=attempt - 1, log_tail=tail
         )
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM it (a checkpoint, then exit) when the agent dies, so
+    a restarted agent never finds an orphaned trainer writing the same checkpoints (Linux)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def _drain(process: subprocess.Popen[str], events: queue.Queue[dict[str, Any] | _Exited]) -> None:

@@ -200,6 +200,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from coordinator.partition import cli as partition_cli
+
     parser = argparse.ArgumentParser(prog="coordinator", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True, help="state directory to create")
     p.add_argument("--federation", required=True, help="federation name (a DNS label)")
     p.set_defaults(fn=cmd_init)
+
+    p = commands.add_parser(
+        "partition", help="cluster the dataset into K balanced shards: the partition plan"
+    )
+    partition_cli.add_arguments(p)
+    p.set_defaults(fn=partition_cli.run)
 
     p = commands.add_parser("invite", help="print a one-time enrolment token for a site")
     p.add_argument("--state", required=True)

@@ -31,7 +31,7 @@ from coordinator.federation import init_federation, load_authority  # noqa: E402
 from coordinator.store import PlanRecord  # noqa: E402
 from protocol.provenance import TrainingRun, sign_expert  # noqa: E402
 from site_agent.agent import connect, enrol  # noqa: E402
-from site_agent.transfer import directory_manifest, upload_directory  # noqa: E402
+from site_agent.transfer import signed_manifest, upload_directory  # noqa: E402
 from site_agent.workdir import Workdir  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def main() -> int:
                 ca_path=workdir.ca,
             )
             start = time.perf_counter()
-            files = directory_manifest(expert)
+            files = signed_manifest(expert)
             hashed = time.perf_counter() - start
             result = upload_directory(client, 0, expert, progress=True, files=files)
             ours = time.perf_counter() - start
@@ -151,7 +151,7 @@ def main() -> int:
         print(
             f"atoll upload (hash + mTLS + verified commit): {ours:6.2f} s  {gib / ours:5.2f} GiB/s"
         )
-        print(f"  of which the site's manifest hashing: {hashed:6.2f} s")
+        print(f"  of which the site's upload manifest: {hashed:6.2f} s")
         print(f"throughput ratio atoll/floor: {ratio:.2f}  (target >= 0.5)")
         print(f"coordinator peak RSS: {rss:.0f} MB  (target < 300 MB)")
         return 0

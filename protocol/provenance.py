@@ -36,6 +36,7 @@ import base64
 import binascii
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -426,6 +427,7 @@ def verify_expert(
     expected: ProvenanceExpectations | None = None,
     at: datetime | None = None,
     max_workers: int | None = None,
+    known_digests: Mapping[str, str] | None = None,
 ) -> VerifiedExpert:
     """Verifies ``model.sig`` and ``provenance.sigstore.json`` of an expert directory.
 
@@ -441,6 +443,7 @@ def verify_expert(
         at: Time at which to check the certificate chain; default the signing certificate's
             notBefore (as ``model_signing verify certificate`` does).
         max_workers: Hashing threads; default cores + 4.
+        known_digests: File digests the caller already established (not read again).
 
     Returns:
         The verified model signature and provenance.
@@ -456,6 +459,7 @@ def verify_expert(
         expected_spiffe_id=expected.builder_id,
         at=at,
         max_workers=max_workers,
+        known_digests=known_digests,
     )
     try:
         envelope = (model_dir / PROVENANCE_FILE).read_bytes()

@@ -183,6 +183,7 @@ def hash_model_files(
     *,
     unsigned: frozenset[str] = ALLOWED_UNSIGNED,
     max_workers: int | None = None,
+    known: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Hex sha256 of every file below ``model_dir`` except the ``unsigned`` top-level names.
 
@@ -193,6 +194,8 @@ def hash_model_files(
         model_dir: The expert directory.
         unsigned: Relative paths left out (a directory name leaves out all below it).
         max_workers: Threads; default cores + 4 (as ``ThreadPoolExecutor``).
+        known: Digests the caller has already established for some files (e.g. the
+            coordinator hashed them as they arrived); those files are not read again.
 
     Returns:
         Relative POSIX path -> hex sha256.
@@ -219,9 +222,13 @@ def hash_model_files(
                 paths.append((relative, path))
     # More threads than cores keeps a read in flight while the others hash.
     workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+    known = known or {}
+    todo = [(relative, path) for relative, path in paths if relative not in known]
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = pool.map(_sha256_file, [path for _, path in paths])
-        return dict(zip([relative for relative, _ in paths], digests, strict=True))
+        digests = dict(
+            zip([r for r, _ in todo], pool.map(_sha256_file, [p for _, p in todo]), strict=True)
+        )
+    return {relative: known.get(relative) or digests[relative] for relative, _ in paths}
 
 
 def root_digest(files: Mapping[str, str]) -> str:
@@ -478,6 +485,7 @@ def verify_model(
     expected_spiffe_id: str | None = None,
     at: datetime | None = None,
     max_workers: int | None = None,
+    known_digests: Mapping[str, str] | None = None,
 ) -> VerifiedModel:
     """Verifies ``model_dir/model.sig`` and every file it signs.
 
@@ -535,7 +543,9 @@ def verify_model(
             f"{', '.join(sorted(ALLOWED_UNSIGNED))} may be"
         )
     unsigned = frozenset(ignored) | {SIGNATURE_FILE, PROVENANCE_FILE}
-    actual = hash_model_files(model_dir, unsigned=unsigned, max_workers=max_workers)
+    actual = hash_model_files(
+        model_dir, unsigned=unsigned, max_workers=max_workers, known=known_digests
+    )
     _compare_files(digests.files, actual)
     spiffe_id = spiffe_id_of(leaf)
     if expected_spiffe_id is not None and spiffe_id != expected_spiffe_id:

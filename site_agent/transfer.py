@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -18,6 +18,7 @@ from tqdm import tqdm
 from protocol.digests import file_sha256
 from protocol.errors import VerificationFailed
 from protocol.messages import ArtifactRef, CommitResult, UploadChunk, UploadFile
+from protocol.signing import SIGNATURE_FILE, read_signed_digests
 from site_agent.client import FederationClient, raise_unless_transient
 
 log = logging.getLogger("atoll.site")
@@ -86,13 +87,27 @@ def download_artifact(
     return target
 
 
-def directory_manifest(directory: Path) -> list[UploadFile]:
-    """Every regular file under ``directory`` with its size and sha256, sorted by path."""
+def directory_manifest(directory: Path, known: Mapping[str, str] | None = None) -> list[UploadFile]:
+    """Every regular file under ``directory`` with its size and sha256, sorted by path.
+
+    ``known`` digests (e.g. those the site's own ``model.sig`` just signed) are not computed
+    again; should a file have changed since, the coordinator's digest check rejects it.
+    """
+    known = known or {}
     files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
-    return [
-        UploadFile(p.relative_to(directory).as_posix(), p.stat().st_size, file_sha256(p))
-        for p in files
-    ]
+    manifest = []
+    for path in files:
+        relative = path.relative_to(directory).as_posix()
+        digest = known.get(relative) or file_sha256(path)
+        manifest.append(UploadFile(relative, path.stat().st_size, digest))
+    return manifest
+
+
+def signed_manifest(directory: Path) -> list[UploadFile]:
+    """The upload manifest of a signed expert, reusing the digests its ``model.sig`` holds."""
+    signature = directory / SIGNATURE_FILE
+    known = read_signed_digests(signature.read_bytes()).files if signature.exists() else {}
+    return directory_manifest(directory, known)
 
 
 def _chunks(

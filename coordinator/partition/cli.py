@@ -17,10 +17,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from coordinator.partition.plan import PartitionConfig, make_plan, write_plan
 from coordinator.state import StateDir
+
+if TYPE_CHECKING:
+    # Imported where used: the plan pulls in torch and open_clip, which every other
+    # `coordinator` command (serve above all) must not pay for in start-up time and memory.
+    from coordinator.partition.plan import PartitionConfig
 
 __all__ = ["add_arguments", "run"]
 
@@ -94,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PartitionConfig:
     """The typed configuration the flags describe."""
+    from coordinator.partition.plan import PartitionConfig
     return PartitionConfig(
         dataset=args.dataset,
         image_root=args.image_root,
@@ -117,6 +122,8 @@ def config_from_args(args: argparse.Namespace) -> PartitionConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Computes and writes the plan; prints the balance table (or JSON). Returns 0."""
+    from coordinator.partition.plan import make_plan, write_plan
+
     config = config_from_args(args)
     state = StateDir(args.state)
     state.federation()  # a clear error before any work if the directory is not initialised

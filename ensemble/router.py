@@ -1,0 +1,354 @@
+"""The router: which experts answer a prompt, and with what weight.
+
+``p(S_k | image) = softmax_k(tau * cos(f(image), c_k))`` where ``f`` is the partition plan's
+feature model and ``c_k`` its centroids; keep the top-k, renormalise. The features must be
+exactly the ones the partitioner computed for the same image, so the encoders here load the
+plan's model the same way (same config, same seeded initialisation or weights, same
+preprocessing, L2-normalised output).
+
+Example::
+
+    router = Router(centroids, tau=50.0, top_k=2)
+    routing = router.route(encoder.encode_images([image]))
+    routing.experts, routing.weights        # (1, 2) expert indices, (1, 2) weights summing to 1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ensemble.manifest import EncoderSpec
+from protocol.errors import InvalidArgument, NotFound
+
+__all__ = [
+    "FeatureModel",
+    "Router",
+    "Routing",
+    "load_feature_model",
+    "open_image",
+]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The router's decision for a batch.
+
+    Attributes:
+        experts: ``(B, k)`` expert indices, most probable first.
+        weights: ``(B, k)`` their renormalised probabilities (rows sum to 1).
+        probabilities: ``(B, K)`` the full ``p(S_k | input)`` before the top-k cut.
+    """
+
+    experts: torch.Tensor
+    weights: torch.Tensor
+    probabilities: torch.Tensor
+
+
+class Router:
+    """Cosine router over the plan's centroids.
+
+    Args:
+        centroids: ``(K, D)`` cluster centroids (normalised here).
+        tau: Inverse temperature; larger is sharper. Must be > 0.
+        top_k: Experts kept per input, 1..K.
+        num_experts: If given, the number of experts the centroids must match.
+        available: Indices of the experts that exist (a partial ensemble); the others get
+            probability 0 and the rest is renormalised. Default: all.
+
+    Raises:
+        InvalidArgument: a bad ``tau``, ``top_k``, centroid shape or count.
+    """
+
+    def __init__(
+        self,
+        centroids: torch.Tensor,
+        tau: float,
+        top_k: int,
+        *,
+        num_experts: int | None = None,
+        available: Sequence[int] | None = None,
+    ) -> None:
+        if centroids.ndim != 2 or centroids.shape[0] < 1 or centroids.shape[1] < 1:
+            raise InvalidArgument(
+                f"router centroids: expected a (K, D) matrix, got shape {tuple(centroids.shape)}"
+            )
+        if num_experts is not None and centroids.shape[0] != num_experts:
+            raise InvalidArgument(
+                f"router centroids: {centroids.shape[0]} centroids for {num_experts} experts "
+                "(one centroid per expert expected)"
+            )
+        centroids = centroids.detach().float()
+        norms = centroids.norm(dim=1)
+        if not torch.isfinite(centroids).all() or bool((norms == 0).any()):
+            raise InvalidArgument("router centroids: expected finite, non-zero rows")
+        if not (isinstance(tau, int | float) and math.isfinite(tau) and tau > 0):
+            raise InvalidArgument(f"router tau: expected a finite number > 0, got {tau!r}")
+        self.num_experts = int(centroids.shape[0])
+        self.available = sorted(set(available)) if available is not None else None
+        if self.available is not None and (
+            not self.available or not set(self.available) <= set(range(self.num_experts))
+        ):
+            raise InvalidArgument(
+                f"router available experts: expected indices in 0..{self.num_experts - 1}, "
+                f"got {list(available or [])}"
+            )
+        self.centroids = centroids / norms[:, None]
+        self.tau = float(tau)
+        self.top_k = self._check_top_k(top_k)
+
+    @property
+    def num_available(self) -> int:
+        """How many experts can be routed to."""
+        return self.num_experts if self.available is None else len(self.available)
+
+    def _check_top_k(self, top_k: int) -> int:
+        if (
+            isinstance(top_k, bool)
+            or not isinstance(top_k, int)
+            or not (1 <= top_k <= self.num_available)
+        ):
+            raise InvalidArgument(
+                f"top_k: expected an integer in 1..{self.num_available} "
+                f"(the available experts), got {top_k!r}"
+            )
+        return top_k
+
+    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.available is None:
+            return logits
+        keep = torch.zeros(self.num_experts, dtype=torch.bool, device=logits.device)
+        keep[self.available] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` ``softmax(tau * cos(features, c_k))`` over the available experts."""
+        if features.ndim != 2 or features.shape[1] != self.centroids.shape[1]:
+            raise InvalidArgument(
+                f"router features: expected (B, {self.centroids.shape[1]}), "
+                f"got {tuple(features.shape)}"
+            )
+        cosine = (
+            torch.nn.functional.normalize(features.float(), dim=-1)
+            @ self.centroids.to(features.device).T
+        )
+        return torch.softmax(self._mask(self.tau * cosine), dim=-1)
+
+    def select(self, probabilities: torch.Tensor, top_k: int | None = None) -> Routing:
+        """Keeps the ``top_k`` (default: the router's) most probable experts, renormalised."""
+        k = self.top_k if top_k is None else self._check_top_k(top_k)
+        weights, experts = probabilities.topk(k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return Routing(experts=experts, weights=weights, probabilities=probabilities)
+
+    def route(self, features: torch.Tensor, top_k: int | None = None) -> Routing:
+        """Probabilities, then top-k, for a batch of (image or text) features."""
+        return self.select(self.probabilities(features), top_k)
+
+
+def open_image(image: Image.Image | str | Path) -> Image.Image:
+    """An RGB image from a PIL image or a file.
+
+    Raises:
+        NotFound: no such file.
+        InvalidArgument: the file is not a decodable image.
+    """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise NotFound(f"image {path}: no such file")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except Exception as error:  # PIL raises many kinds; every one means "not an image"
+        raise InvalidArgument(
+            f"image {path}: cannot decode it ({type(error).__name__}: {error})"
+        ) from None
+
+
+class FeatureModel(Protocol):
+    """The router's view of the plan's feature model."""
+
+    dim: int
+
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``(B, D)`` unit-norm float32 image features."""
+        ...
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(B, D)`` unit-norm float32 text features (the ``clip-text`` strategy)."""
+        ...
+
+
+class _TorchFeatureModel:
+    """Preprocess each image, run one batch, L2-normalise, as the partitioner does."""
+
+    def __init__(
+        self,
+        dim: int,
+        transform: Callable[[Image.Image], torch.Tensor],
+        image_forward: Callable[[torch.Tensor], torch.Tensor],
+        text_forward: Callable[[Sequence[str]], torch.Tensor] | None,
+        device: torch.device,
+    ) -> None:
+        self.dim = dim
+        self._transform = transform
+        self._image_forward = image_forward
+        self._text_forward = text_forward
+        self.device = device
+
+    def _autocast(self) -> Any:
+        # The partitioner encodes under fp16 autocast on CUDA; matching it keeps the features
+        # (and so the routing) the ones the plan was made from.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The preprocessed batch, on the model's device."""
+        return torch.stack([self._transform(image.convert("RGB")) for image in images]).to(
+            self.device
+        )
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unit-norm features of an already preprocessed batch."""
+        with torch.inference_mode(), self._autocast():
+            output = self._image_forward(pixels).float()
+        return torch.nn.functional.normalize(output, dim=-1)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.encode_pixels(self.pixels(images))
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        if self._text_forward is None:
+            raise InvalidArgument(
+                "text_only 'clip-text': the router's feature model has no text tower "
+                "(use 'uniform' or 'posterior')"
+            )
+        with torch.inference_mode(), self._autocast():
+            output = self._text_forward(texts).float()
+        return torch.nn.functional.normalize(output, dim=-1)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_feature_model(
+    spec: EncoderSpec, directory: Path, *, device: str | torch.device | None = None
+) -> _TorchFeatureModel:
+    """The feature model an ensemble manifest names, from the ensemble's own files.
+
+    Args:
+        spec: The manifest's ``router.encoder``.
+        directory: The ensemble directory (``spec``'s paths are relative to it).
+        device: Where to run it; default CUDA when available.
+
+    Raises:
+        NotFound: a file the spec names is not there.
+        InvalidArgument: the files do not load as the spec says, or give another dimension.
+    """
+    target = _device(device)
+    model = _open_clip(spec, directory, target) if spec.backend == "open_clip" else None
+    if model is None:
+        model = _hf_clip(spec, directory, target)
+    if model.dim != spec.dim:
+        raise InvalidArgument(
+            f"router.encoder.dim: the manifest says {spec.dim}, the model gives {model.dim}"
+        )
+    return model
+
+
+def _existing(directory: Path, relative: str, field: str) -> Path:
+    path = directory / relative
+    if not path.exists():
+        raise NotFound(f"router.encoder.{field}: {relative} is not in {directory}")
+    return path
+
+
+def _open_clip(spec: EncoderSpec, directory: Path, device: torch.device) -> _TorchFeatureModel:
+    import open_clip
+
+    assert spec.config_file is not None  # the manifest validator guarantees it
+    config = _existing(directory, spec.config_file, "config_file")
+    if config.stem != spec.model:
+        # open_clip registers a config file under its stem; the plan named the model.
+        raise InvalidArgument(
+            f"router.encoder.config_file: {spec.config_file} registers model {config.stem!r}, "
+            f"but router.encoder.model is {spec.model!r}"
+        )
+    open_clip.add_model_config(config)
+    weights: str | None = None
+    if spec.weights_file is not None:
+        weights = str(_existing(directory, spec.weights_file, "weights_file"))
+    # The partitioner draws random weights inside a forked RNG seeded with the plan's seed;
+    # doing the same here is what makes a random-weight router route like the plan.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed if spec.init_seed is not None else 0)
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=weights, device=device
+        )
+    clip.eval()
+    tokenizer = open_clip.get_tokenizer(spec.model)
+    has_text = isinstance(getattr(clip, "text_projection", None), torch.Tensor)
+
+    def text_forward(texts: Sequence[str]) -> torch.Tensor:
+        return clip.encode_text(tokenizer(list(texts)).to(device))
+
+    with torch.inference_mode():
+        dim = int(
+            clip.encode_image(preprocess(Image.new("RGB", (8, 8)))[None].to(device)).shape[-1]
+        )
+    return _TorchFeatureModel(
+        dim, preprocess, clip.encode_image, text_forward if has_text else None, device
+    )
+
+
+def _hf_clip(spec: EncoderSpec, directory: Path, device: torch.device) -> _TorchFeatureModel:
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    assert spec.directory is not None  # the manifest validator guarantees it
+    folder = _existing(directory, spec.directory, "directory")
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+        processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise InvalidArgument(
+            f"router.encoder.directory: {spec.directory} does not load as a CLIPModel ({error})"
+        ) from None
+    try:
+        tokenizer: Any = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None  # an image-only folder: clip-text is unavailable, not an error
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        values = processor(images=image, return_tensors="np")["pixel_values"][0]
+        return torch.as_tensor(np.asarray(values))
+
+    def image_forward(pixels: torch.Tensor) -> torch.Tensor:
+        output = model.get_image_features(pixel_values=pixels)
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def text_forward(texts: Sequence[str]) -> torch.Tensor:
+        batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        output = model.get_text_features(**batch.to(device))
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    return _TorchFeatureModel(
+        int(model.config.projection_dim),
+        transform,
+        image_forward,
+        text_forward if tokenizer is not None else None,
+        device,
+    )

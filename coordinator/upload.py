@@ -13,7 +13,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from coordinator import audit
@@ -102,10 +103,18 @@ def _owned(store: Store, site: SiteRecord, upload_id: str) -> UploadRecord:
 @dataclass
 class _OpenFile:
     fd: int
-    received: int
+    size: int
+    received: int  # written to disk in this stream (from where the store said to start)
+    persisted: int  # recorded in the store; a crash resumes from here
     # Hashes the bytes as they arrive when the file is streamed from offset 0 in one go,
     # so commit need not read it back; None once a resume breaks that sequence.
-    hasher: hashlib._Hash | None = field(default=None)
+    hasher: hashlib._Hash | None = None
+    hashing: Future[None] | None = None
+
+
+# The store records progress every this many bytes (and at the end of every stream): one
+# SQLite transaction per chunk would cost more than the chunk's own write.
+PERSIST_EVERY = 32 << 20
 
 
 class UploadWriter:
@@ -117,6 +126,8 @@ class UploadWriter:
         self._lock = threading.Lock()
         self._file_locks: dict[tuple[str, str], threading.Lock] = {}
         self._digests: dict[tuple[str, str], str] = {}
+        # hashlib releases the GIL: hashing one chunk overlaps receiving the next.
+        self._hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="upload-hash")
 
     def _file_lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._lock:
@@ -124,7 +135,7 @@ class UploadWriter:
 
     def write(self, site: SiteRecord, chunks: Iterable[UploadChunk]) -> dict[str, int]:
         """Writes a stream of chunks; returns what is received of every file of the last
-        upload touched. A bad chunk raises, keeping every chunk before it."""
+        upload touched. A bad chunk (or a broken stream) raises, keeping every chunk before it."""
         records: dict[str, UploadRecord] = {}
         handles: dict[tuple[str, str], _OpenFile] = {}
         last: str | None = None
@@ -138,12 +149,29 @@ class UploadWriter:
                 last = chunk.upload_id
                 self._write_chunk(record, chunk, handles)
         finally:
-            for handle in handles.values():
-                os.close(handle.fd)
+            for key, handle in handles.items():
+                try:
+                    self._settle(key, handle)
+                finally:
+                    os.close(handle.fd)
         if last is None:
             return {}
         current = self._store.get_upload(last)
         return dict(current.received) if current else {}
+
+    def _settle(self, key: tuple[str, str], handle: _OpenFile) -> None:
+        """Waits for the hash of the last chunk and records progress in the store."""
+        if handle.hashing is not None:
+            handle.hashing.result()
+            handle.hashing = None
+        if handle.received > handle.persisted:
+            self._store.advance_upload(
+                key[0], key[1], handle.persisted, handle.received - handle.persisted
+            )
+            handle.persisted = handle.received
+        if handle.hasher is not None and handle.received == handle.size:
+            with self._lock:
+                self._digests[key] = handle.hasher.hexdigest()
 
     def _write_chunk(
         self, record: UploadRecord, chunk: UploadChunk, handles: dict[tuple[str, str], _OpenFile]
@@ -163,28 +191,30 @@ class UploadWriter:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
                 hasher = hashlib.sha256() if received == 0 else None
-                handle = handles[key] = _OpenFile(fd, received, hasher)
-            size = declared[chunk.path].size
+                size = declared[chunk.path].size
+                handle = handles[key] = _OpenFile(fd, size, received, received, hasher)
             # Checked before writing, so a bad chunk never overwrites bytes already received.
             if chunk.offset != handle.received:
                 raise InvalidArgument(
                     f"upload {record.upload_id}: chunk of {chunk.path!r} at offset "
                     f"{chunk.offset}, expected offset {handle.received}"
                 )
-            if chunk.offset + len(chunk.data) > size:
+            if chunk.offset + len(chunk.data) > handle.size:
                 raise InvalidArgument(
                     f"upload {record.upload_id}: chunk would grow {chunk.path!r} to "
-                    f"{chunk.offset + len(chunk.data)} bytes, past its declared size {size}"
+                    f"{chunk.offset + len(chunk.data)} bytes, past its declared size {handle.size}"
                 )
             os.pwrite(handle.fd, chunk.data, chunk.offset)
-            handle.received = self._store.advance_upload(
-                record.upload_id, chunk.path, chunk.offset, len(chunk.data)
-            )
+            handle.received += len(chunk.data)
             if handle.hasher is not None:
-                handle.hasher.update(chunk.data)
-                if handle.received == size:
-                    with self._lock:
-                        self._digests[key] = handle.hasher.hexdigest()
+                if handle.hashing is not None:
+                    handle.hashing.result()  # in order, and at most one chunk held for hashing
+                handle.hashing = self._hashers.submit(handle.hasher.update, chunk.data)
+            if (
+                handle.received - handle.persisted >= PERSIST_EVERY
+                or handle.received == handle.size
+            ):
+                self._settle(key, handle)
 
     def streamed_digest(self, upload_id: str, path: str) -> str | None:
         """The sha256 computed while receiving, when the file arrived in one stream."""

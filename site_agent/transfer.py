@@ -22,7 +22,7 @@ from protocol.signing import SIGNATURE_FILE, read_signed_digests
 from site_agent.client import FederationClient, raise_unless_transient
 
 log = logging.getLogger("atoll.site")
-CHUNK_SIZE = 4 << 20
+CHUNK_SIZE = 1 << 20
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:

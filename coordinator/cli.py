@@ -15,7 +15,7 @@ from coordinator import audit, enrolment, sites
 from coordinator.federation import init_federation, load_authority
 from coordinator.federation_recipe import set_recipe
 from coordinator.state import StateDir
-from protocol.cli_support import parse_duration, run_command, setup_logging
+from protocol.cli_support import parse_duration, run_parser
 from protocol.exit_codes import ExitCode
 
 
@@ -274,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return run_command(lambda: int(args.fn(args)))
+    return run_parser(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol import PROTOCOL_VERSION
 from protocol.audit_log import Receipt, verify_log_file, verify_receipt
-from protocol.cli_support import run_command, setup_logging
+from protocol.cli_support import run_parser
 from protocol.errors import AtollError, InvalidArgument, NotFound, VerificationFailed
 from protocol.provenance import VerifiedExpert, verify_expert
 from protocol.signing import SIGNATURE_FILE
@@ -187,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return run_command(lambda: int(args.fn(args)))
+    return run_parser(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import sys
@@ -36,6 +37,13 @@ def setup_logging(verbose: bool = False) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, RichHandler):
             handler.console.stderr = True
+
+
+def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parses ``argv`` and runs the chosen subcommand (its ``fn`` default) as a command."""
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return run_command(lambda: int(args.fn(args)))
 
 
 def run_command(fn: Callable[[], int]) -> int:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from protocol.cli_support import run_command, setup_logging
+from protocol.cli_support import run_parser
 from protocol.errors import FailedPrecondition, InvalidArgument
 from protocol.messages import PHASES
 from protocol.x509 import load_certificate
@@ -170,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return run_command(lambda: int(args.fn(args)))
+    return run_parser(build_parser(), argv)
 
 
 if __name__ == "__main__":

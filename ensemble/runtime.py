@@ -1,0 +1,681 @@
+"""One ensemble directory that behaves like one model.
+
+:meth:`RoutedEnsemble.from_pretrained` reads ``atoll_ensemble.json`` (see
+:mod:`ensemble.manifest`), verifies every file it lists, loads the router and the present
+experts; :meth:`RoutedEnsemble.generate` answers a batch of prompts:
+
+* **top-1** (the paper's setting): the batch is grouped by chosen expert and each group runs
+  through that expert's own ``generate`` as one batch, so a routed batch costs what one dense
+  model costs and the answer is the expert's answer, token for token.
+* **top-k > 1**: the chosen experts step in lock-step, each with its own KV cache, over the
+  samples routed to it; the next token comes from the mixture
+  ``log p(x) = logsumexp_k(log w_k + log p_k(x))``, greedily or sampled.
+* **text-only prompts** (no image): ``uniform`` mixes every present expert equally,
+  ``clip-text`` routes the CLIP text embedding against the image centroids, ``posterior`` is
+  the exact router ``p(S_k | z) ∝ p(S_k) * prod_t p_k(z_t | z_<t)``, updated after every token
+  (the prompt's own tokens included); it mixes the top-k of the current posterior, so
+  ``top_k = K`` gives the exact mixture of the theory.
+
+LoRA experts over one base keep one base model in memory and switch peft adapters per group.
+
+Example::
+
+    ensemble = RoutedEnsemble.from_pretrained("ensemble/", verify=True)
+    ensemble.generate([Image.open("cat.png")], ["What is this?"], max_new_tokens=32)
+    ensemble.generate([None], ["Tell me a joke."], text_only="posterior", top_k=2)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ensemble.manifest import (
+    EnsembleManifest,
+    TextOnlyStrategy,
+    load_manifest,
+    verify_files,
+)
+from ensemble.router import Router, load_feature_model, open_image
+from protocol.errors import InvalidArgument, NotFound
+
+__all__ = ["ImageInput", "RoutedEnsemble", "RoutedGeneration", "Verifier", "load_centroids"]
+
+log = logging.getLogger(__name__)
+
+ImageInput = Image.Image | str | Path | None
+"""An image, a path to one, or None for a text-only prompt."""
+
+Verifier = Callable[[Path, EnsembleManifest], None]
+"""Checks an ensemble directory against its manifest; raises VerificationFailed."""
+
+
+@dataclass(frozen=True)
+class RoutedGeneration:
+    """What :meth:`RoutedEnsemble.generate_tokens` produced, per sample.
+
+    Attributes:
+        texts: The decoded answers (special tokens skipped).
+        token_ids: The generated tokens, up to and without the end-of-sequence token.
+        experts: The experts that were mixed (for ``posterior``: every present expert).
+        weights: Their initial weights (the router's, renormalised over ``experts``).
+        posteriors: For ``posterior``-routed samples, a ``(steps + 1, K)`` tensor: row 0 is
+            ``p(S_k | prompt)``, row t the posterior after t generated tokens; None otherwise.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    experts: list[list[int]]
+    weights: list[list[float]]
+    posteriors: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def load_centroids(directory: Path, manifest: EnsembleManifest) -> torch.Tensor:
+    """The router's ``K x D`` centroids from the ensemble directory.
+
+    Raises:
+        NotFound: the file is not there.
+        InvalidArgument: not a safetensors file, or no such tensor in it.
+    """
+    spec = manifest.router.centroids
+    path = directory / spec.path
+    if not path.is_file():
+        raise NotFound(f"router.centroids.path: {spec.path} is not in {directory}")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InvalidArgument(
+            f"router.centroids.path: {spec.path} is unreadable ({error})"
+        ) from None
+    if spec.tensor not in tensors:
+        raise InvalidArgument(
+            f"router.centroids.tensor: no tensor {spec.tensor!r} in {spec.path} "
+            f"(found {sorted(tensors)})"
+        )
+    return tensors[spec.tensor]
+
+
+def _model_class(architecture: str) -> Any:
+    from transformers import (
+        AutoModelForCausalLM,
+        InternVLForConditionalGeneration,
+        LlavaForConditionalGeneration,
+    )
+
+    return {
+        "llava": LlavaForConditionalGeneration,
+        "internvl": InternVLForConditionalGeneration,
+        "causal-lm": AutoModelForCausalLM,
+    }[architecture]
+
+
+class _Experts:
+    """The present experts: full models side by side, or one base with a peft adapter each."""
+
+    def __init__(self, models: dict[int, nn.Module], adapters: nn.Module | None) -> None:
+        self._models = models
+        self._adapters = adapters
+
+    @classmethod
+    def load(
+        cls, directory: Path, manifest: EnsembleManifest, device: torch.device, dtype: Any
+    ) -> _Experts:
+        loader = _model_class(manifest.architecture)
+        lora = [e for e in manifest.experts if e.present and e.kind == "lora"]
+        full = [e for e in manifest.experts if e.present and e.kind == "full"]
+        for expert in lora + full:
+            if not (directory / expert.path).is_dir():
+                raise NotFound(
+                    f"experts[{expert.index}]: {expert.path} is not in {directory} (the "
+                    "manifest says it is present; copy the whole ensemble directory again)"
+                )
+        models: dict[int, nn.Module] = {}
+        for expert in full:
+            models[expert.index] = _load_model(loader, directory / expert.path, dtype, device)
+        adapters: nn.Module | None = None
+        if lora:
+            from peft import PeftModel
+
+            assert manifest.base is not None  # the manifest validator guarantees it
+            base = _load_model(loader, directory / manifest.base.path, dtype, device)
+            # One base in memory; each adapter is a few MB, switched with set_adapter.
+            first, *rest = lora
+            peft_model = PeftModel.from_pretrained(
+                base, directory / first.path, adapter_name=_adapter(first.index)
+            )
+            for expert in rest:
+                peft_model.load_adapter(
+                    directory / expert.path, adapter_name=_adapter(expert.index)
+                )
+            adapters = peft_model.to(device).eval()
+            for expert in lora:
+                models[expert.index] = adapters
+        return cls(models, adapters)
+
+    def model(self, index: int) -> nn.Module:
+        """Expert ``index``, ready to run (its adapter active, for LoRA experts)."""
+        model = self._models[index]
+        if model is self._adapters:
+            model.set_adapter(_adapter(index))  # type: ignore[operator]
+        return model
+
+    def vocab_size(self, index: int) -> int:
+        config: Any = self._models[index].config
+        text = config.get_text_config()
+        return int(text.vocab_size)
+
+
+def _adapter(index: int) -> str:
+    return f"expert-{index}"
+
+
+def _load_model(loader: Any, path: Path, dtype: Any, device: torch.device) -> nn.Module:
+    try:
+        model: nn.Module = loader.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise InvalidArgument(f"{path}: does not load as a model ({error})") from None
+    return model.to(device).eval()
+
+
+class RoutedEnsemble:
+    """A routed mixture of experts loaded from an ensemble directory.
+
+    Use :meth:`from_pretrained`; the constructor takes already-loaded parts (tests, custom
+    loading).
+    """
+
+    def __init__(
+        self,
+        manifest: EnsembleManifest,
+        router: Router,
+        feature_model: Any,
+        experts: _Experts,
+        processor: Any,
+        device: torch.device,
+    ) -> None:
+        self.manifest = manifest
+        self.router = router
+        self.feature_model = feature_model
+        self.experts = experts
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        # Prompts of a batch end where generation starts, so padding goes on the left.
+        self.tokenizer.padding_side = "left"
+        self.device = device
+        self.log_priors = torch.tensor(manifest.router.cluster_priors).log()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        verify: bool = True,
+        verifier: Verifier | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> RoutedEnsemble:
+        """Loads an ensemble directory.
+
+        Args:
+            directory: Holds ``atoll_ensemble.json`` and what it lists.
+            verify: Check every listed file first (size and sha256).
+            verifier: The check to run when ``verify`` (default:
+                :func:`ensemble.manifest.verify_files`; ``atoll verify`` plugs in signatures).
+            device: Where to run; default CUDA when available.
+            dtype: Expert parameter dtype (default: as saved).
+
+        Raises:
+            NotFound: the directory, manifest or a present expert is missing.
+            InvalidArgument: a manifest field is wrong (named), the centroids do not match the
+                experts, or the experts do not share one vocabulary.
+            VerificationFailed: a file does not match its digest (expected vs. actual).
+        """
+        root = Path(directory)
+        if not root.is_dir():
+            raise NotFound(f"{root}: not a directory")
+        manifest = load_manifest(root)
+        if verify:
+            (verifier or verify_files)(root, manifest)
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        present = manifest.present_experts
+        if manifest.missing_experts:
+            log.warning(
+                "[RoutedEnsemble] partial ensemble: experts %s are missing; the router is "
+                "renormalised over %s",
+                manifest.missing_experts,
+                present,
+            )
+        centroids = load_centroids(root, manifest)
+        try:
+            router = Router(
+                centroids,
+                manifest.router.tau,
+                manifest.router.top_k,
+                num_experts=manifest.num_experts,
+                available=present,
+            )
+        except InvalidArgument as error:
+            raise InvalidArgument(f"{root / manifest.router.centroids.path}: {error}") from None
+        feature_model = load_feature_model(manifest.router.encoder, root, device=target)
+        experts = _Experts.load(root, manifest, target, dtype)
+        _check_one_vocabulary(manifest, experts)
+        processor = _load_processor(root, manifest)
+        return cls(manifest, router, feature_model, experts, processor, target)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def prompt_text(self, prompt: str, has_image: bool) -> str:
+        """The chat-formatted prompt the experts were trained on, ready for generation."""
+        content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
+        if has_image:
+            content.insert(0, {"type": "image"})
+        text: str = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        return text
+
+    def encode_inputs(self, images: Sequence[Image.Image | None], prompts: Sequence[str]) -> Any:
+        """The model inputs (left-padded ``input_ids``, ``attention_mask``, ``pixel_values``)
+        of a batch, exactly as :meth:`generate` feeds them to an expert."""
+        texts = [
+            self.prompt_text(p, image is not None) for image, p in zip(images, prompts, strict=True)
+        ]
+        pictures = [image for image in images if image is not None]
+        if pictures:
+            batch = self.processor(images=pictures, text=texts, padding=True, return_tensors="pt")
+        else:
+            batch = self.tokenizer(texts, padding=True, return_tensors="pt")
+        return batch.to(self.device)
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def route_images(self, images: Sequence[Image.Image], top_k: int | None = None) -> Any:
+        """The router's decision (:class:`~ensemble.router.Routing`) for a batch of images."""
+        return self.router.route(self.feature_model.encode_images(images), top_k)
+
+    def _static_routes(
+        self,
+        images: Sequence[Image.Image | None],
+        prompts: Sequence[str],
+        top_k: int,
+        strategy: TextOnlyStrategy,
+    ) -> list[tuple[list[int], list[float]] | None]:
+        """Per sample: (experts, weights), or None where the posterior decides per token."""
+        routes: list[tuple[list[int], list[float]] | None] = [None] * len(prompts)
+        with_image = [i for i, image in enumerate(images) if image is not None]
+        if with_image:
+            routing = self.route_images([images[i] for i in with_image], top_k)  # type: ignore[misc]
+            for row, i in enumerate(with_image):
+                routes[i] = (routing.experts[row].tolist(), routing.weights[row].tolist())
+        text_only = [i for i, image in enumerate(images) if image is None]
+        if text_only and strategy is TextOnlyStrategy.UNIFORM:
+            present = self.manifest.present_experts
+            for i in text_only:
+                routes[i] = (present, [1.0 / len(present)] * len(present))
+        elif text_only and strategy is TextOnlyStrategy.CLIP_TEXT:
+            features = self.feature_model.encode_texts([prompts[i] for i in text_only])
+            routing = self.router.route(features, top_k)
+            for row, i in enumerate(text_only):
+                routes[i] = (routing.experts[row].tolist(), routing.weights[row].tolist())
+        return routes
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        *,
+        top_k: int | None = None,
+        text_only: str | TextOnlyStrategy | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Answers a batch of prompts; see :meth:`generate_tokens` for the arguments."""
+        return self.generate_tokens(
+            images,
+            prompts,
+            max_new_tokens,
+            top_k=top_k,
+            text_only=text_only,
+            do_sample=do_sample,
+            temperature=temperature,
+            seed=seed,
+        ).texts
+
+    def generate_tokens(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        *,
+        top_k: int | None = None,
+        text_only: str | TextOnlyStrategy | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> RoutedGeneration:
+        """Answers a batch of prompts, with the tokens and routing of each.
+
+        Args:
+            images: One per prompt: a PIL image, an image file, or None (text-only).
+            prompts: The user's questions (the chat template is applied here).
+            max_new_tokens: Longest answer; generation also stops at end-of-sequence.
+            top_k: Experts mixed per sample (default: the manifest's ``router.top_k``).
+            text_only: Strategy for prompts without an image (default: the manifest's).
+            do_sample: Sample instead of greedy decoding.
+            temperature: Sampling temperature (> 0), applied to the mixture.
+            seed: Makes sampling reproducible.
+
+        Raises:
+            InvalidArgument: mismatched lengths, a bad ``top_k``/``text_only``/``temperature``,
+                an undecodable image.
+            NotFound: an image file that does not exist.
+        """
+        if len(images) != len(prompts):
+            raise InvalidArgument(f"{len(images)} images for {len(prompts)} prompts (one each)")
+        if max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise InvalidArgument(f"temperature: expected > 0, got {temperature}")
+        k = self.router._check_top_k(self.manifest.router.top_k if top_k is None else top_k)
+        strategy = self._strategy(text_only)
+        if strategy is TextOnlyStrategy.CLIP_TEXT and not hasattr(
+            self.feature_model, "encode_texts"
+        ):
+            raise InvalidArgument("text_only 'clip-text': the feature model has no text tower")
+        if any(i is not None for i in images) and self.manifest.architecture == "causal-lm":
+            raise InvalidArgument("images: a causal-lm ensemble answers text-only prompts")
+        pictures = [None if image is None else open_image(image) for image in images]
+        routes = self._static_routes(pictures, prompts, k, strategy)
+        sampling = _Sampling(do_sample, temperature, seed)
+
+        n = len(prompts)
+        token_ids: list[list[int]] = [[] for _ in range(n)]
+        experts: list[list[int]] = [[] for _ in range(n)]
+        weights: list[list[float]] = [[] for _ in range(n)]
+        posteriors: list[torch.Tensor | None] = [None] * n
+        single = [i for i, r in enumerate(routes) if r is not None and len(r[0]) == 1]
+        mixed = [i for i, r in enumerate(routes) if r is not None and len(r[0]) > 1]
+        dynamic = [i for i, r in enumerate(routes) if r is None]
+        for i in single + mixed:
+            experts[i], weights[i] = routes[i]  # type: ignore[misc]
+        by_expert: dict[int, list[int]] = {}
+        for i in single:
+            by_expert.setdefault(experts[i][0], []).append(i)
+        for index, members in sorted(by_expert.items()):
+            tokens = self._expert_generate(
+                index, pictures, prompts, members, max_new_tokens, sampling
+            )
+            for i, ids in zip(members, tokens, strict=True):
+                token_ids[i] = ids
+        if mixed:
+            plan = {i: (experts[i], weights[i]) for i in mixed}
+            result = self._lockstep(pictures, prompts, plan, k, max_new_tokens, sampling, False)
+            for i in mixed:
+                token_ids[i] = result[i][0]
+        if dynamic:
+            present = self.manifest.present_experts
+            prior = torch.softmax(self.log_priors[present], dim=0).tolist()
+            plan = {i: (present, prior) for i in dynamic}
+            result = self._lockstep(pictures, prompts, plan, k, max_new_tokens, sampling, True)
+            for i in dynamic:
+                token_ids[i], posteriors[i] = result[i]
+                experts[i], weights[i] = present, prior
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        return RoutedGeneration(texts, token_ids, experts, weights, posteriors)
+
+    def _strategy(self, text_only: str | TextOnlyStrategy | None) -> TextOnlyStrategy:
+        if text_only is None:
+            return self.manifest.router.text_only
+        try:
+            return TextOnlyStrategy(text_only)
+        except ValueError:
+            choices = ", ".join(s.value for s in TextOnlyStrategy)
+            raise InvalidArgument(
+                f"text_only: expected one of {choices}, got {text_only!r}"
+            ) from None
+
+    def _eos(self) -> set[int]:
+        eos = self.tokenizer.eos_token_id
+        return {int(eos)} if eos is not None else set()
+
+    def _trim(self, ids: list[int]) -> list[int]:
+        # Tokens after end-of-sequence are padding that batching added.
+        eos = self._eos()
+        for position, token in enumerate(ids):
+            if token in eos:
+                return ids[:position]
+        return ids
+
+    def _expert_generate(
+        self,
+        index: int,
+        pictures: Sequence[Image.Image | None],
+        prompts: Sequence[str],
+        members: list[int],
+        max_new_tokens: int,
+        sampling: _Sampling,
+    ) -> list[list[int]]:
+        """Top-1: one batched call of the expert's own ``generate`` for its group."""
+        model = self.experts.model(index)
+        inputs = self.encode_inputs([pictures[i] for i in members], [prompts[i] for i in members])
+        options: dict[str, Any] = {"do_sample": sampling.do_sample}
+        if sampling.do_sample:
+            options.update(temperature=sampling.temperature, top_k=0, top_p=1.0)
+        with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(self.device)):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed + index)
+            output = model.generate(  # type: ignore[operator]
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **options,
+            )
+        start = inputs["input_ids"].shape[1]
+        return [self._trim(row[start:].tolist()) for row in output]
+
+    def _lockstep(
+        self,
+        pictures: Sequence[Image.Image | None],
+        prompts: Sequence[str],
+        plan: dict[int, tuple[list[int], list[float]]],
+        top_k: int,
+        max_new_tokens: int,
+        sampling: _Sampling,
+        posterior: bool,
+    ) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+        """Top-k > 1 and the posterior: experts step together, each with its own KV cache over
+        the samples routed to it, and the next token comes from the mixture.
+
+        With ``posterior``, ``plan`` holds the priors; every expert's probability of the
+        prompt and of each chosen token updates ``log p(S_k | z)``, and the step mixes its
+        top-k.
+        """
+        samples = sorted(plan)
+        row_of = {sample: row for row, sample in enumerate(samples)}
+        num_experts = self.manifest.num_experts
+        vocab = self.experts.vocab_size(self.manifest.present_experts[0])
+        # log w[b, k]: -inf for experts a sample does not use.
+        log_weights = torch.full((len(samples), num_experts), float("-inf"))
+        for sample, (chosen, ws) in plan.items():
+            log_weights[row_of[sample], chosen] = torch.tensor(ws).log()
+        members: dict[int, list[int]] = {}
+        for sample, (chosen, _) in plan.items():
+            for index in chosen:
+                members.setdefault(index, []).append(sample)
+
+        states: dict[int, _ExpertState] = {}
+        log_probs = torch.full((len(samples), num_experts, vocab), float("-inf"))
+        with torch.inference_mode():
+            for index, group in sorted(members.items()):
+                inputs = self.encode_inputs(
+                    [pictures[s] for s in group], [prompts[s] for s in group]
+                )
+                state, logits = _ExpertState.prefill(self.experts.model(index), inputs)
+                states[index] = state
+                rows = [row_of[s] for s in group]
+                log_probs[rows, index] = torch.log_softmax(logits[:, -1].float(), -1).cpu()
+                if posterior:
+                    log_weights[rows, index] += _sequence_log_likelihood(logits, inputs).cpu()
+            history: list[torch.Tensor] = []
+            if posterior:
+                log_weights = torch.log_softmax(log_weights, dim=-1)
+                history.append(log_weights.exp())
+            eos = self._eos()
+            finished = torch.zeros(len(samples), dtype=torch.bool)
+            tokens: list[list[int]] = [[] for _ in samples]
+            generator = sampling.generator()
+            for _ in range(max_new_tokens):
+                mix = _top_k_renormalised(log_weights, top_k) if posterior else log_weights
+                mixed = torch.logsumexp(mix[:, :, None] + log_probs, dim=1)
+                next_tokens = sampling.choose(mixed, generator)
+                next_tokens[finished] = self.tokenizer.pad_token_id
+                for row, token in enumerate(next_tokens.tolist()):
+                    if not finished[row]:
+                        tokens[row].append(token)
+                if posterior:
+                    step = log_probs[torch.arange(len(samples)), :, next_tokens]
+                    update = torch.where(finished[:, None], torch.zeros_like(step), step)
+                    log_weights = torch.log_softmax(log_weights + update, dim=-1)
+                    history.append(log_weights.exp())
+                finished |= torch.tensor([t in eos for t in next_tokens.tolist()])
+                if bool(finished.all()):
+                    break
+                for index, state in states.items():
+                    rows = [row_of[s] for s in members[index]]
+                    logits = state.step(
+                        self.experts.model(index), next_tokens[rows].to(self.device)
+                    )
+                    log_probs[rows, index] = torch.log_softmax(logits.float(), -1).cpu()
+        return {
+            sample: (
+                self._trim(tokens[row]),
+                torch.stack([h[row] for h in history]) if posterior else None,
+            )
+            for sample, row in row_of.items()
+        }
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    do_sample: bool
+    temperature: float
+    seed: int | None
+
+    def generator(self) -> torch.Generator:
+        generator = torch.Generator()
+        if self.seed is not None:
+            generator.manual_seed(self.seed)
+        else:
+            generator.seed()
+        return generator
+
+    def choose(self, log_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.do_sample:
+            return log_probs.argmax(dim=-1)
+        probabilities = torch.softmax(log_probs / self.temperature, dim=-1)
+        return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+@dataclass
+class _ExpertState:
+    """One expert's KV cache and attention mask over the samples routed to it."""
+
+    past: Any
+    attention_mask: torch.Tensor
+    last_position: torch.Tensor
+
+    @classmethod
+    def prefill(cls, model: nn.Module, inputs: Any) -> tuple[_ExpertState, torch.Tensor]:
+        mask = inputs["attention_mask"]
+        # As transformers' generate does for left-padded batches: positions count real tokens.
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        output = model(**inputs, position_ids=positions, use_cache=True)
+        return cls(output.past_key_values, mask, positions[:, -1:]), output.logits
+
+    def step(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones((len(tokens), 1))], dim=-1
+        )
+        self.last_position = self.last_position + 1
+        output = model(
+            input_ids=tokens[:, None],
+            attention_mask=self.attention_mask,
+            position_ids=self.last_position,
+            past_key_values=self.past,
+            use_cache=True,
+        )
+        self.past = output.past_key_values
+        return output.logits[:, -1]
+
+
+def _sequence_log_likelihood(logits: torch.Tensor, inputs: Any) -> torch.Tensor:
+    """``sum_t log p(z_t | z_<t)`` of each prompt (padding and the first token excluded)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    per_token = log_probs.gather(-1, ids[:, 1:, None])[..., 0]
+    counted = (mask[:, :-1] * mask[:, 1:]).bool()
+    return torch.where(counted, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+
+
+def _top_k_renormalised(log_weights: torch.Tensor, top_k: int) -> torch.Tensor:
+    values, indices = log_weights.topk(top_k, dim=-1)
+    kept = torch.full_like(log_weights, float("-inf")).scatter(-1, indices, values)
+    return torch.log_softmax(kept, dim=-1)
+
+
+def _check_one_vocabulary(manifest: EnsembleManifest, experts: _Experts) -> None:
+    """Mixing adds up probabilities of the same token id: every expert needs one vocabulary."""
+    sizes = {index: experts.vocab_size(index) for index in manifest.present_experts}
+    if len(set(sizes.values())) > 1:
+        raise InvalidArgument(
+            f"experts: their vocabularies differ in size ({sizes}); an "
+            "ensemble needs experts fine-tuned from one base"
+        )
+    tokenizers = {
+        e.index: e.files["tokenizer.json"].sha256
+        for e in manifest.experts
+        if e.present and "tokenizer.json" in e.files
+    }
+    if len(set(tokenizers.values())) > 1:
+        raise InvalidArgument(
+            f"experts: their tokenizer.json files differ (experts {sorted(tokenizers)}); an "
+            "ensemble needs experts fine-tuned from one base"
+        )
+
+
+def _load_processor(directory: Path, manifest: EnsembleManifest) -> Any:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    first = manifest.experts[manifest.present_experts[0]]
+    # A LoRA adapter folder may hold only the adapter; the base always has the processor.
+    folder = directory / (
+        first.path if first.kind == "full" or manifest.base is None else manifest.base.path
+    )
+    if (directory / first.path / "tokenizer_config.json").is_file():
+        folder = directory / first.path
+    loader: Any = AutoTokenizer if manifest.architecture == "causal-lm" else AutoProcessor
+    try:
+        processor = loader.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise InvalidArgument(f"{folder}: cannot load its processor ({error})") from None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor

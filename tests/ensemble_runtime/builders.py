@@ -1,0 +1,177 @@
+"""A tiny ensemble directory built from scratch, as the coordinator's assembly would lay it out.
+
+Two tiny LLaVA experts (``configs/tiny-cpu.yaml``'s size, distinct init seeds), the plan's
+tiny open_clip feature model (random weights, seed 0), centroids of two kinds of synthetic
+pictures (red squares, blue circles) and an ``atoll_ensemble.json`` listing every file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from coordinator.partition.features import load_encoder
+from ensemble.manifest import MANIFEST_FILE, expert_path
+from protocol.digests import file_sha256
+from protocol.recipe import load_recipe
+from site_agent.training.model import load_model, load_processor
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_RECIPE = REPO / "configs" / "tiny-cpu.yaml"
+CLIP_CONFIG = REPO / "coordinator" / "partition" / "configs" / "atoll-tiny-clip.json"
+KINDS = {"red-square": ((220, 30, 30), "square"), "blue-circle": ((30, 40, 220), "circle")}
+
+
+def picture(kind: str, variant: int = 0) -> Image.Image:
+    """A synthetic picture of one kind; ``variant`` shifts it a little."""
+    colour, shape = KINDS[kind]
+    image = Image.new("RGB", (40, 40), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    box = (4 + variant, 4 + variant, 34 - variant, 34 - variant)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=colour)
+    return image
+
+
+def write_pictures(directory: Path, per_kind: int = 4) -> dict[str, list[Path]]:
+    """PNG files of each kind (what the partitioner would have encoded)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[Path]] = {}
+    for kind in KINDS:
+        for variant in range(per_kind):
+            path = directory / f"{kind}-{variant}.png"
+            picture(kind, variant).save(path)
+            files.setdefault(kind, []).append(path)
+    return files
+
+
+def digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {sha256, size}}`` of every file under ``folder``."""
+    return {
+        path.relative_to(folder).as_posix(): {
+            "sha256": file_sha256(path),
+            "size": path.stat().st_size,
+        }
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def tiny_settings(init_seed: int) -> Any:
+    recipe, _ = load_recipe(TINY_RECIPE)
+    return recipe.model.model_copy(update={"init_seed": init_seed})
+
+
+def save_expert(directory: Path, init_seed: int) -> None:
+    """A tiny LLaVA expert with its processor, as ``save_pretrained`` writes it."""
+    settings = tiny_settings(init_seed)
+    processor = load_processor(settings, None)
+    model = load_model(settings, None, processor)
+    model.save_pretrained(directory)  # type: ignore[operator]
+    processor.save_pretrained(directory)
+
+
+def build_ensemble(
+    root: Path,
+    *,
+    seeds: tuple[int, ...] = (11, 22),
+    tau: float = 100.0,
+    top_k: int = 1,
+    text_only: str = "posterior",
+    scratch: Path | None = None,
+) -> Path:
+    """Writes an ensemble directory at ``root`` and returns it.
+
+    Expert k is a tiny LLaVA initialised with ``seeds[k]``; centroid 0 is the mean feature of
+    the red squares, centroid 1 of the blue circles (more experts reuse them in turn).
+    """
+    root.mkdir(parents=True)
+    for index, seed in enumerate(seeds):
+        save_expert(root / expert_path(index), seed)
+    encoder_dir = root / "router" / "encoder"
+    encoder_dir.mkdir(parents=True)
+    shutil.copy(CLIP_CONFIG, encoder_dir / CLIP_CONFIG.name)
+    # The plan's own encoder computes the centroids, so the runtime must agree with it.
+    encoder = load_encoder("open_clip:atoll-tiny-clip", device="cpu")
+    files = write_pictures(scratch or root.parent / "pictures")
+    centroids = []
+    for kind in KINDS:
+        features, failures = encoder.encode(files[kind])
+        assert not failures
+        mean = features.mean(axis=0)
+        centroids.append(mean / np.linalg.norm(mean))
+    matrix = torch.from_numpy(np.stack([centroids[k % 2] for k in range(len(seeds))]))
+    save_file({"centroids": matrix.contiguous()}, str(root / "router" / "centroids.safetensors"))
+    (root / "README.md").write_text("# tiny test ensemble\n")
+    write_manifest(root, tau=tau, top_k=top_k, text_only=text_only, identity=encoder.identity)
+    return root
+
+
+def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
+    """(Re)writes ``atoll_ensemble.json`` from what is on disk, with ``overrides`` applied to
+    the router (``tau``, ``top_k``, ``text_only``, ``identity``) or the top level."""
+    experts = sorted(int(p.name.split("-")[1]) for p in (root / "experts").iterdir() if p.is_dir())
+    num_experts = overrides.pop("num_experts", max(experts) + 1)
+    centroids = root / "router" / "centroids.safetensors"
+    config = f"router/encoder/{CLIP_CONFIG.name}"
+    identity = overrides.pop("identity", {"backend": "open_clip", "model": "atoll-tiny-clip"})
+    router = {
+        "encoder": {
+            "backend": "open_clip",
+            "model": "atoll-tiny-clip",
+            "config_file": config,
+            "weights_file": None,
+            "init_seed": 0,
+            "dim": 32,
+            "image_size": 32,
+            "identity": identity,
+            "files": {config: digests(root / "router" / "encoder")[CLIP_CONFIG.name]},
+        },
+        "centroids": {
+            "path": "router/centroids.safetensors",
+            "tensor": "centroids",
+            "sha256": file_sha256(centroids),
+            "size": centroids.stat().st_size,
+        },
+        "tau": overrides.pop("tau", 100.0),
+        "top_k": overrides.pop("top_k", 1),
+        "text_only": overrides.pop("text_only", "posterior"),
+        "cluster_priors": overrides.pop("cluster_priors", [1.0 / num_experts] * num_experts),
+    }
+    entries = []
+    for index in range(num_experts):
+        folder = root / expert_path(index)
+        present = folder.is_dir()
+        entries.append(
+            {
+                "index": index,
+                "path": expert_path(index),
+                "present": present,
+                "kind": "full",
+                "model_root_digest": None,
+                "site": f"spiffe://test/site/s{index}" if present else None,
+                "files": digests(folder) if present else {},
+            }
+        )
+    manifest: dict[str, Any] = {
+        "format": "atoll-ensemble",
+        "format_version": 1,
+        "federation_id": "test",
+        "plan_digest": "0" * 64,
+        "architecture": "llava",
+        "router": router,
+        "experts": entries,
+        "allow_partial": False,
+        "missing_experts": [e["index"] for e in entries if not e["present"]],
+        "base": None,
+        "other_files": {"README.md": digests(root)["README.md"]},
+    }
+    manifest.update(overrides)
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest

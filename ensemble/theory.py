@@ -224,8 +224,8 @@ def time_independent_weights(
     """The paper's router: ``p(S_k | c)`` from the conditioning tokens only, then frozen.
 
     ``c = prefix[:conditioning_length]`` plays the image. The weights are the exact cluster
-    posterior given c (the best any function of c can do; the paper's
-    ``softmax(tau * cos(f(image), c_k))`` estimates it), and do not move as text is generated.
+    posterior given c (the paper's ``softmax(tau * cos(f(image), c_k))`` is an estimate of it),
+    and do not move as text is generated.
     """
     return posterior_weights(experts, prefix[:conditioning_length])
 
@@ -246,21 +246,27 @@ def top1(router: Router) -> Router:
     return routed
 
 
+def _mixture_probability(
+    experts: Sequence[TabularModel], weights: Sequence[Fraction], prefix: Prefix, token: int
+) -> Fraction:
+    # Zero-weight experts are skipped: top-1 then costs one expert, as in the runtime.
+    return sum(
+        (
+            w * e.next_token_probability(prefix, token)
+            for w, e in zip(weights, experts, strict=True)
+            if w
+        ),
+        Fraction(0),
+    )
+
+
 def mixture_next_token(
     experts: Sequence[TabularModel], weights: Sequence[Fraction], prefix: Prefix
 ) -> dict[int, Fraction]:
     """``sum_k w_k p_k(. | prefix)`` over the shared vocabulary."""
-    vocabulary = experts[0].vocabulary
     return {
-        token: sum(
-            (
-                w * e.next_token_probability(prefix, token)
-                for w, e in zip(weights, experts, strict=True)
-                if w
-            ),
-            Fraction(0),
-        )
-        for token in vocabulary
+        token: _mixture_probability(experts, weights, prefix, token)
+        for token in experts[0].vocabulary
     }
 
 
@@ -323,14 +329,7 @@ def measure_gap(
             if prefix not in weight_cache:
                 weight_cache[prefix] = router(experts, prefix)
             weights = weight_cache[prefix]
-            q_text *= sum(
-                (
-                    w * e.next_token_probability(prefix, sequence[t])
-                    for w, e in zip(weights, experts, strict=True)
-                    if w
-                ),
-                Fraction(0),
-            )
+            q_text *= _mixture_probability(experts, weights, prefix, sequence[t])
             if q_text == 0:
                 break
         predicted_tokens += float(p_data) * (len(sequence) - conditioning_length)

@@ -305,8 +305,10 @@ class EnsembleManifest(_Strict):
 def _field_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{where}: {item['msg']}")
+        message = item["msg"].removeprefix("Value error, ")
+        where = ".".join(str(part) for part in item["loc"])
+        # Cross-field checks run on the whole manifest and name their own field.
+        lines.append(f"{where}: {message}" if where else message)
     return "; ".join(lines)
 
 
@@ -360,6 +362,11 @@ def verify_files(directory: Path, manifest: EnsembleManifest) -> None:
     Raises:
         VerificationFailed: showing the file and expected vs. actual size or digest.
     """
+    for expert in manifest.experts:
+        if expert.present and not (directory / expert.path).is_dir():
+            raise VerificationFailed(
+                f"{expert.path}: missing, but experts[{expert.index}] is listed as present"
+            )
     listed = listed_files(manifest)
     for name, expected in sorted(listed.items()):
         path = directory / name

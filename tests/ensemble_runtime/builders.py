@@ -77,6 +77,29 @@ def save_expert(directory: Path, init_seed: int) -> None:
     processor.save_pretrained(directory)
 
 
+def save_lora_expert(base: Path, directory: Path, seed: int) -> None:
+    """A peft LoRA adapter over the saved ``base`` with random (non-zero) weights: what a LoRA
+    site uploads (adapter + processor, no base weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from protocol.recipe import Architecture
+    from site_agent.training.model import language_model_lora_targets
+
+    model = LlavaForConditionalGeneration.from_pretrained(base)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=language_model_lora_targets(Architecture.LLAVA),
+        init_lora_weights=False,  # random A and B: each adapter changes the base's answers
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapted = get_peft_model(model, config)
+    adapted.save_pretrained(directory)
+    AutoProcessor.from_pretrained(base).save_pretrained(directory)
+
+
 def build_ensemble(
     root: Path,
     *,
@@ -85,15 +108,22 @@ def build_ensemble(
     top_k: int = 1,
     text_only: str = "posterior",
     scratch: Path | None = None,
+    lora: bool = False,
 ) -> Path:
     """Writes an ensemble directory at ``root`` and returns it.
 
-    Expert k is a tiny LLaVA initialised with ``seeds[k]``; centroid 0 is the mean feature of
-    the red squares, centroid 1 of the blue circles (more experts reuse them in turn).
+    Expert k is a tiny LLaVA initialised with ``seeds[k]`` (with ``lora``: a LoRA adapter
+    seeded so, over one base); centroid 0 is the mean feature of the red squares, centroid 1
+    of the blue circles (more experts reuse them in turn).
     """
     root.mkdir(parents=True)
+    if lora:
+        save_expert(root / "base", 7)
     for index, seed in enumerate(seeds):
-        save_expert(root / expert_path(index), seed)
+        if lora:
+            save_lora_expert(root / "base", root / expert_path(index), seed)
+        else:
+            save_expert(root / expert_path(index), seed)
     encoder_dir = root / "router" / "encoder"
     encoder_dir.mkdir(parents=True)
     shutil.copy(CLIP_CONFIG, encoder_dir / CLIP_CONFIG.name)
@@ -153,7 +183,7 @@ def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
                 "index": index,
                 "path": expert_path(index),
                 "present": present,
-                "kind": "full",
+                "kind": "lora" if (folder / "adapter_config.json").is_file() else "full",
                 "model_root_digest": None,
                 "site": f"spiffe://test/site/s{index}" if present else None,
                 "files": digests(folder) if present else {},
@@ -169,7 +199,9 @@ def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
         "experts": entries,
         "allow_partial": False,
         "missing_experts": [e["index"] for e in entries if not e["present"]],
-        "base": None,
+        "base": {"path": "base", "files": digests(root / "base")}
+        if (root / "base").is_dir()
+        else None,
         "other_files": {"README.md": digests(root)["README.md"]},
     }
     manifest.update(overrides)

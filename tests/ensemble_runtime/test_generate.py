@@ -195,3 +195,30 @@ def test_bad_inputs(ensemble: RoutedEnsemble, tmp_path: Path) -> None:
         ensemble.generate([None], ["x"], text_only="oracle")
     with pytest.raises(InvalidArgument, match="2 images for 1 prompts"):
         ensemble.generate([None, None], ["x"])
+
+
+def test_lora_experts_share_one_base(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from .builders import build_ensemble
+
+    root = build_ensemble(tmp_path / "lora", lora=True, scratch=tmp_path / "pictures")
+    ensemble = RoutedEnsemble.from_pretrained(root, device="cpu")
+    # One base model in memory; the adapter is switched per group.
+    assert ensemble.experts.model(0) is ensemble.experts.model(1)
+    images = [picture("red-square", 1), picture("blue-circle", 1)]
+    result = ensemble.generate_tokens(images, [PROMPT] * 2, max_new_tokens=6)
+    assert result.experts == [[0], [1]]
+    for k, image in enumerate(images):
+        base = LlavaForConditionalGeneration.from_pretrained(root / "base").eval()
+        own = PeftModel.from_pretrained(base, root / expert_path(k)).eval()
+        inputs = ensemble.encode_inputs([image], [PROMPT])
+        output = own.generate(**inputs, max_new_tokens=6, do_sample=False)
+        expected = output[0, inputs["input_ids"].shape[1] :].tolist()
+        eos = ensemble.tokenizer.eos_token_id
+        assert result.token_ids[k] == (
+            expected[: expected.index(eos)] if eos in expected else expected
+        )
+    assert result.token_ids[0] != result.token_ids[1]
+    mixed = ensemble.generate_tokens(images, [PROMPT] * 2, max_new_tokens=3, top_k=2)
+    assert mixed.experts == [[0, 1], [1, 0]]

@@ -63,14 +63,18 @@ def digests(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def tiny_settings(init_seed: int) -> Any:
+def tiny_settings(init_seed: int, size: dict[str, int] | None = None) -> Any:
+    """``configs/tiny-cpu.yaml``'s model section with another seed and, optionally, other
+    ``model.tiny`` dimensions."""
     recipe, _ = load_recipe(TINY_RECIPE)
-    return recipe.model.model_copy(update={"init_seed": init_seed})
+    settings = recipe.model
+    tiny = settings.tiny.model_copy(update=size or {}) if settings.tiny else None
+    return settings.model_copy(update={"init_seed": init_seed, "tiny": tiny})
 
 
-def save_expert(directory: Path, init_seed: int) -> None:
+def save_expert(directory: Path, init_seed: int, size: dict[str, int] | None = None) -> None:
     """A tiny LLaVA expert with its processor, as ``save_pretrained`` writes it."""
-    settings = tiny_settings(init_seed)
+    settings = tiny_settings(init_seed, size)
     processor = load_processor(settings, None)
     model = load_model(settings, None, processor)
     model.save_pretrained(directory)  # type: ignore[operator]
@@ -109,21 +113,23 @@ def build_ensemble(
     text_only: str = "posterior",
     scratch: Path | None = None,
     lora: bool = False,
+    size: dict[str, int] | None = None,
 ) -> Path:
     """Writes an ensemble directory at ``root`` and returns it.
 
     Expert k is a tiny LLaVA initialised with ``seeds[k]`` (with ``lora``: a LoRA adapter
     seeded so, over one base); centroid 0 is the mean feature of the red squares, centroid 1
-    of the blue circles (more experts reuse them in turn).
+    of the blue circles (more experts reuse them in turn). ``size`` overrides the tiny
+    model's dimensions (the benchmark's "small" model).
     """
     root.mkdir(parents=True)
     if lora:
-        save_expert(root / "base", 7)
+        save_expert(root / "base", 7, size)
     for index, seed in enumerate(seeds):
         if lora:
             save_lora_expert(root / "base", root / expert_path(index), seed)
         else:
-            save_expert(root / expert_path(index), seed)
+            save_expert(root / expert_path(index), seed, size)
     encoder_dir = root / "router" / "encoder"
     encoder_dir.mkdir(parents=True)
     shutil.copy(CLIP_CONFIG, encoder_dir / CLIP_CONFIG.name)

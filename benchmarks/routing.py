@@ -36,7 +36,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-from ensemble_runtime.builders import KINDS, build_ensemble, picture  # noqa: E402
+from ensemble_runtime.builders import (  # type: ignore[import-not-found]  # noqa: E402
+    KINDS,
+    build_ensemble,
+    picture,
+)
 
 from ensemble.runtime import RoutedEnsemble  # noqa: E402
 
@@ -114,12 +118,12 @@ def bench_size(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         "top2": routed(min(2, args.experts)),
         "router": router,
     }
-    for mode in modes.values():  # warm-up: allocator, kernels, lazy imports
-        mode()
+    for warm_up in modes.values():  # allocator, kernels, lazy imports
+        warm_up()
     for repeat in range(args.repeats):
         order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
-        for mode in order:
-            runs[mode].append(_timed(modes[mode], device))
+        for mode_name in order:
+            runs[mode_name].append(_timed(modes[mode_name], device))
     rate = {m: max(t / s for s, t in runs[m]) for m in ("dense", "top1", "top2")}
     best_router = min(s for s, _ in runs["router"])
     best_top1 = min(s for s, _ in runs["top1"])

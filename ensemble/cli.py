@@ -13,6 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ensemble import generate_cli
 from protocol import PROTOCOL_VERSION
 from protocol.audit_log import Receipt, verify_log_file, verify_receipt
 from protocol.cli_support import run_parser
@@ -160,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atoll", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "generate", help="route an image + prompt through an ensemble and print the answer"
+    )
+    generate_cli.add_arguments(p)
+    p.set_defaults(fn=generate_cli.run)
+
     p = commands.add_parser("version", help="print the Atoll and protocol versions")
     p.set_defaults(fn=cmd_version)
 

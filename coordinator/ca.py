@@ -21,6 +21,7 @@ from protocol.x509 import load_certificate
 CA_VALIDITY = dt.timedelta(days=3650)
 SITE_VALIDITY = dt.timedelta(days=365)
 SERVER_VALIDITY = dt.timedelta(days=365)
+SIGNING_VALIDITY = dt.timedelta(days=3650)
 # Tolerates clocks a little behind the coordinator's.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
@@ -150,6 +151,17 @@ class CertificateAuthority:
             names,
             ExtendedKeyUsageOID.SERVER_AUTH,
             SERVER_VALIDITY,
+        )
+
+    def issue_signing_certificate(self, public_key: ec.EllipticCurvePublicKey) -> x509.Certificate:
+        """The coordinator's code-signing certificate (SAN ``spiffe://<federation>/coordinator``)
+        for its signing key: what signs a published ensemble's ``model.sig``."""
+        return self._leaf(
+            public_key,
+            f"{self.federation} coordinator signing",
+            [x509.UniformResourceIdentifier(coordinator_spiffe_id(self.federation))],
+            ExtendedKeyUsageOID.CODE_SIGNING,
+            SIGNING_VALIDITY,
         )
 
 

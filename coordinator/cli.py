@@ -199,6 +199,44 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assemble(args: argparse.Namespace) -> int:
+    from coordinator.assembly import AssemblyConfig, assemble
+    from ensemble.manifest import TextOnlyStrategy
+
+    config = AssemblyConfig(
+        tau=args.tau,
+        top_k=args.top_k,
+        text_only=TextOnlyStrategy(args.text_only),
+        allow_partial=args.allow_partial,
+        encoder_weights=Path(args.encoder_weights) if args.encoder_weights else None,
+    )
+    state = _state(args)
+    store = state.open_store()
+    try:
+        result = assemble(state, store, config)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+        return 0
+    table = Table(title=f"ensemble {result.version}: {result.directory}")
+    for column in ("expert", "site", "model root digest", "upload"):
+        table.add_column(column)
+    for expert in result.experts:
+        table.add_row(
+            str(expert.index), expert.site, _short(expert.model_root_digest), expert.upload_id
+        )
+    for index in result.missing:
+        flag = "REVOKED SITE (dropped)" if index in result.dropped_revoked else "MISSING"
+        table.add_row(str(index), flag, "-", "-")
+    Console().print(table)
+    print(
+        f"published {result.files} files; manifest sha256 {result.manifest_sha256}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from coordinator.partition import cli as partition_cli
 
@@ -264,6 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol.audit_log.verify_log_file checks offline)",
     )
     p.set_defaults(fn=cmd_audit)
+
+    p = commands.add_parser(
+        "assemble", help="build, sign and publish the routed ensemble from the accepted experts"
+    )
+    p.add_argument("--state", required=True)
+    p.add_argument("--tau", type=float, default=50.0, help="router inverse temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=1, help="experts mixed per sample (default 1)")
+    p.add_argument(
+        "--text-only",
+        default="posterior",
+        choices=("uniform", "clip-text", "posterior"),
+        help="routing of prompts without an image (default posterior)",
+    )
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="assemble without missing experts and experts of revoked sites",
+    )
+    p.add_argument(
+        "--encoder-weights", metavar="FILE", help="the plan's encoder weights, when it used a file"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_assemble)
 
     p = commands.add_parser("revoke", help="refuse a site's certificate from now on")
     p.add_argument("--state", required=True)

@@ -65,3 +65,13 @@ def init_federation(root: Path, federation: str) -> StateDir:
 
 def load_authority(state: StateDir) -> CertificateAuthority:
     return load_ca(state.federation(), load_private_key(state.ca_key), state.ca_cert.read_bytes())
+
+
+def signing_certificate(state: StateDir) -> Path:
+    """``STATE/signing/signing.pem``: the CA's certificate for the coordinator's signing key
+    (SAN ``spiffe://<federation>/coordinator``), issued the first time it is needed."""
+    if not state.signing_cert.exists():
+        key = load_private_key(state.signing_key)
+        cert = load_authority(state).issue_signing_certificate(key.public_key())
+        write_public(state.signing_cert, cert.public_bytes(serialization.Encoding.PEM))
+    return state.signing_cert

@@ -6,11 +6,13 @@
       federation.json        federation name, created_at, schema version
       ca/ca.key ca.pem       the federation CA (P-256); ca.key is 0600
       signing/signing.key    the coordinator's signing key (P-256, 0600), signing.pub
+      signing/signing.pem    its code-signing certificate from the CA (made on first assembly)
       tls/server.key server.pem   the serving certificate, issued by the CA
       store.db               SQLite (WAL)
       artifacts/             files served to sites (partition outputs, base models)
       uploads/<id>/          upload sessions being received
       partition/             the partition plan (centroids, plan.json, expert-<k>.json)
+      ensemble/<version>/    assembled ensemble directories (the newest is published)
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ class StateDir:
     @property
     def signing_pub(self) -> Path:
         return self.root / "signing" / "signing.pub"
+
+    @property
+    def signing_cert(self) -> Path:
+        return self.root / "signing" / "signing.pem"
+
+    @property
+    def ensembles_dir(self) -> Path:
+        return self.root / "ensemble"
 
     @property
     def server_key(self) -> Path:

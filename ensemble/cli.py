@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ensemble import generate_cli
+from ensemble.manifest import MANIFEST_FILE
+from ensemble.verify import verify_ensemble
 from protocol import PROTOCOL_VERSION
 from protocol.audit_log import Receipt, verify_log_file, verify_receipt
 from protocol.cli_support import run_parser
@@ -49,15 +51,16 @@ def _verify_expert_dir(path: Path, trusted_ca_pem: bytes) -> dict[str, Any]:
     return expert_report(verify_expert(path, trusted_ca_pem=trusted_ca_pem))
 
 
-# What `atoll verify` recognises, by the file that marks it; the ensemble issue adds
-# ("atoll_ensemble.json", verify_ensemble_dir) in front.
+# What `atoll verify` recognises, by the file that marks it (an ensemble directory also
+# holds a model.sig, so it comes first).
 VERIFIERS: list[tuple[str, Callable[[Path, bytes], dict[str, Any]]]] = [
+    (MANIFEST_FILE, verify_ensemble),
     (SIGNATURE_FILE, _verify_expert_dir),
 ]
 
 
 def verify_path(path: Path, trusted_ca_pem: bytes) -> dict[str, Any]:
-    """Verifies an expert directory (or, later, an ensemble directory) offline.
+    """Verifies an expert directory or an ensemble directory offline.
 
     Raises:
         VerificationFailed: Naming the check and file that failed.
@@ -69,10 +72,32 @@ def verify_path(path: Path, trusted_ca_pem: bytes) -> dict[str, Any]:
         if (path / marker).exists():
             return {"path": str(path), **verifier(path, trusted_ca_pem)}
     markers = " or ".join(marker for marker, _ in VERIFIERS)
-    raise NotFound(f"{path}: no {markers}; not a signed Atoll expert directory")
+    raise NotFound(f"{path}: no {markers}; not a signed Atoll expert or ensemble directory")
+
+
+def _print_ensemble_report(report: dict[str, Any]) -> None:
+    router = report["router"]
+    print(f"{report['path']}: verified ensemble ({report['files']} signed files)")
+    print(f"  signed by       {report['signer']['spiffe_id']}")
+    print(f"  model digest    {report['model_root_digest']}")
+    print(f"  federation      {report['federation']} ({report['version']})")
+    print(f"  plan            {report['plan_digest']}")
+    print(f"  router          tau {router['tau']}, top-{router['top_k']}, {router['text_only']}")
+    if report["missing_experts"]:
+        print(f"  MISSING experts {report['missing_experts']} (assembled with --allow-partial)")
+    for expert in report["expert_provenance"]:
+        provenance = expert["provenance"]
+        print(
+            f"  expert {expert['index']:<8} {expert['site']}  model {expert['model_root_digest'][:16]}.."
+            f"  base {provenance['base_model_digest'][:12]}..  data "
+            f"{provenance['shard_manifest_digest'][:12]}..  recipe {provenance['recipe_digest'][:12]}.."
+        )
 
 
 def _print_report(report: dict[str, Any]) -> None:
+    if report["kind"] == "ensemble":
+        _print_ensemble_report(report)
+        return
     provenance = report["provenance"]
     print(f"{report['path']}: verified {report['kind']} ({report['files']} signed files)")
     print(f"  signed by       {report['signer']['spiffe_id']}")
@@ -171,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_version)
 
     p = commands.add_parser(
-        "verify", help="verify a signed expert directory offline and print its provenance"
+        "verify",
+        help="verify a signed expert or ensemble directory offline and print its provenance",
     )
-    p.add_argument("path", help="the expert directory")
+    p.add_argument("path", help="the expert or ensemble directory")
     p.add_argument("--trust", required=True, help="the federation CA certificate (PEM)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_verify)

@@ -220,6 +220,7 @@ class RoutedEnsemble:
         *,
         verify: bool = True,
         verifier: Verifier | None = None,
+        trust: bytes | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> RoutedEnsemble:
@@ -228,8 +229,10 @@ class RoutedEnsemble:
         Args:
             directory: Holds ``atoll_ensemble.json`` and what it lists.
             verify: Check every listed file first (size and sha256).
-            verifier: The check to run when ``verify`` (default:
-                :func:`ensemble.manifest.verify_files`; ``atoll verify`` plugs in signatures).
+            verifier: The check to run when ``verify`` (default: with ``trust``, the full
+                signature check of :func:`ensemble.verify.verify_ensemble`; without, the
+                digests of :func:`ensemble.manifest.verify_files`).
+            trust: The federation CA certificate (PEM bytes) that signatures must chain to.
             device: Where to run; default CUDA when available.
             dtype: Expert parameter dtype (default: as saved).
 
@@ -244,6 +247,10 @@ class RoutedEnsemble:
             raise NotFound(f"{root}: not a directory")
         manifest = load_manifest(root)
         if verify:
+            if verifier is None and trust is not None:
+                from ensemble.verify import signature_verifier
+
+                verifier = signature_verifier(trust)
             (verifier or verify_files)(root, manifest)
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         present = manifest.present_experts

@@ -63,15 +63,20 @@ from protocol.signing import (
 
 __all__ = [
     "BUILD_TYPE",
+    "ENSEMBLE_PREDICATE_TYPE",
+    "ENSEMBLE_STATEMENT_FILE",
+    "STATEMENT_TYPE",
     "PAYLOAD_TYPE",
     "SLSA_PREDICATE_TYPE",
     "ExpertProvenance",
     "ProvenanceExpectations",
     "TrainingRun",
     "VerifiedExpert",
+    "open_statement",
     "provenance_statement",
     "sign_expert",
     "sign_provenance",
+    "sign_statement",
     "verify_expert",
     "verify_provenance",
 ]
@@ -81,6 +86,10 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 SLSA_PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "https://atoll.dev/buildtypes/expert-training/v1"
 _SUMMARY = "training-summary"
+# The coordinator's statement over a published ensemble: subject = atoll_ensemble.json, and
+# for every expert its model-signing root digest and the sha256 of its provenance file.
+ENSEMBLE_STATEMENT_FILE = "ensemble.sigstore.json"
+ENSEMBLE_PREDICATE_TYPE = "https://atoll.dev/ensemble/v1"
 
 
 def _rfc3339(moment: datetime) -> str:
@@ -284,11 +293,12 @@ def _parse_statement(statement: Any) -> ExpertProvenance:
         ) from error
 
 
-def sign_provenance(
-    provenance: ExpertProvenance, private_key: ec.EllipticCurvePrivateKey
+def sign_statement(
+    statement: Mapping[str, Any], private_key: ec.EllipticCurvePrivateKey
 ) -> dict[str, Any]:
-    """The DSSE envelope (a JSON object) of ``provenance``, signed with ``private_key``."""
-    payload = canonical_json(provenance_statement(provenance))
+    """The DSSE envelope (a JSON object) of an in-toto ``statement`` (canonical JSON
+    payload), signed with ``private_key`` (``keyid`` = sha256 of its DER public key)."""
+    payload = canonical_json(dict(statement))
     signature = ecdsa_sign(private_key, dsse_pae(PAYLOAD_TYPE, payload))
     return {
         "payload": base64.b64encode(payload).decode("ascii"),
@@ -300,6 +310,13 @@ def sign_provenance(
             }
         ],
     }
+
+
+def sign_provenance(
+    provenance: ExpertProvenance, private_key: ec.EllipticCurvePrivateKey
+) -> dict[str, Any]:
+    """The DSSE envelope (a JSON object) of ``provenance``, signed with ``private_key``."""
+    return sign_statement(provenance_statement(provenance), private_key)
 
 
 def _check_expected(provenance: ExpertProvenance, expected: ProvenanceExpectations) -> None:
@@ -315,6 +332,48 @@ def _check_expected(provenance: ExpertProvenance, expected: ProvenanceExpectatio
                 f"{PROVENANCE_FILE}: {field.name.replace('_', ' ')} check: expected {want}, "
                 f"provenance claims {actual[field.name]}"
             )
+
+
+def open_statement(
+    envelope: bytes, public_key: ec.EllipticCurvePublicKey, source: str = PROVENANCE_FILE
+) -> Any:
+    """The in-toto statement inside a DSSE envelope, once its signature verified under
+    ``public_key``.
+
+    Raises:
+        VerificationFailed: Naming ``source`` and the check (envelope, signature, payload).
+    """
+    try:
+        document = json.loads(envelope)
+        payload_type = document["payloadType"]
+        payload = base64.b64decode(document["payload"], validate=True)
+        signatures = [
+            (s["keyid"], base64.b64decode(s["sig"], validate=True)) for s in document["signatures"]
+        ]
+    except (KeyError, TypeError, ValueError, binascii.Error) as error:
+        raise VerificationFailed(
+            f"{source}: not a DSSE envelope ({type(error).__name__}: {error})"
+        ) from error
+    if payload_type != PAYLOAD_TYPE:
+        raise VerificationFailed(
+            f"{source}: expected payloadType {PAYLOAD_TYPE}, got {payload_type!r}"
+        )
+    keyid = public_key_id(public_key)
+    matching = [sig for sig_keyid, sig in signatures if sig_keyid == keyid]
+    if not matching:
+        found = ", ".join(f"{k[:16]}.." for k, _ in signatures) or "none"
+        raise VerificationFailed(
+            f"{source}: signature check: no signature with keyid {keyid[:16]}.. (found {found})"
+        )
+    if not any(ecdsa_verify(public_key, sig, dsse_pae(payload_type, payload)) for sig in matching):
+        raise VerificationFailed(
+            f"{source}: signature check: the DSSE signature does not verify under "
+            f"keyid {keyid[:16]}.."
+        )
+    try:
+        return json.loads(payload)
+    except ValueError as error:
+        raise VerificationFailed(f"{source}: payload is not JSON ({error})") from error
 
 
 def verify_provenance(
@@ -336,39 +395,7 @@ def verify_provenance(
         VerificationFailed: Naming the check (envelope, signature, statement, or the expected
             field with expected vs. claimed values).
     """
-    try:
-        document = json.loads(envelope)
-        payload_type = document["payloadType"]
-        payload = base64.b64decode(document["payload"], validate=True)
-        signatures = [
-            (s["keyid"], base64.b64decode(s["sig"], validate=True)) for s in document["signatures"]
-        ]
-    except (KeyError, TypeError, ValueError, binascii.Error) as error:
-        raise VerificationFailed(
-            f"{PROVENANCE_FILE}: not a DSSE envelope ({type(error).__name__}: {error})"
-        ) from error
-    if payload_type != PAYLOAD_TYPE:
-        raise VerificationFailed(
-            f"{PROVENANCE_FILE}: expected payloadType {PAYLOAD_TYPE}, got {payload_type!r}"
-        )
-    keyid = public_key_id(public_key)
-    matching = [sig for sig_keyid, sig in signatures if sig_keyid == keyid]
-    if not matching:
-        found = ", ".join(f"{k[:16]}.." for k, _ in signatures) or "none"
-        raise VerificationFailed(
-            f"{PROVENANCE_FILE}: signature check: no signature with keyid {keyid[:16]}.. "
-            f"(found {found})"
-        )
-    if not any(ecdsa_verify(public_key, sig, dsse_pae(payload_type, payload)) for sig in matching):
-        raise VerificationFailed(
-            f"{PROVENANCE_FILE}: signature check: the DSSE signature does not verify under "
-            f"keyid {keyid[:16]}.."
-        )
-    try:
-        statement = json.loads(payload)
-    except ValueError as error:
-        raise VerificationFailed(f"{PROVENANCE_FILE}: payload is not JSON ({error})") from error
-    provenance = _parse_statement(statement)
+    provenance = _parse_statement(open_statement(envelope, public_key))
     if expected is not None:
         _check_expected(provenance, expected)
     return provenance

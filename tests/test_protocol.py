@@ -125,6 +125,17 @@ def test_cli_flags_are_pinned() -> None:
         "status": ["--help", "--json", "--state", "-h"],
         "audit": ["--export", "--help", "--json", "--state", "-h"],
         "revoke": ["--help", "--json", "--state", "-h", "site"],
+        "assemble": [
+            "--allow-partial",
+            "--encoder-weights",
+            "--help",
+            "--json",
+            "--state",
+            "--tau",
+            "--text-only",
+            "--top-k",
+            "-h",
+        ],
     }
     assert _flags(site_parser()) == {
         "join": [

@@ -74,6 +74,15 @@ def authorize_site_download(store: Store, site: SiteRecord, name: str) -> Artifa
     return artifact
 
 
+def authorize_reader_download(store: Store, name: str) -> ArtifactRecord:
+    """The artifact ``name`` if a reader may read it: the published ensemble's files only."""
+    artifact = store.get_artifact(name)
+    if artifact is None or artifact.audience != "readers":
+        # A site-only artifact gets the same answer as a missing one: readers learn nothing.
+        raise NotFound(f"no published ensemble file named {name!r}")
+    return artifact
+
+
 def read_chunks(
     state: StateDir, artifact: ArtifactRecord, offset: int, chunk_size: int = CHUNK_SIZE
 ) -> Iterator[tuple[int, bytes]]:

@@ -15,7 +15,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol.errors import InvalidArgument
-from protocol.identity import coordinator_dns_name, coordinator_spiffe_id, site_spiffe_id
+from protocol.identity import (
+    coordinator_dns_name,
+    coordinator_spiffe_id,
+    reader_spiffe_id,
+    site_spiffe_id,
+)
 from protocol.x509 import load_certificate
 
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -114,8 +119,11 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA256())
         )
 
-    def issue_site_certificate(self, site: str, csr_pem: bytes) -> x509.Certificate:
-        """Signs the CSR's P-256 key into a client certificate for ``site``."""
+    def issue_site_certificate(
+        self, site: str, csr_pem: bytes, role: str = "site"
+    ) -> x509.Certificate:
+        """Signs the CSR's P-256 key into a client certificate for ``site`` (with ``role``
+        ``reader``: SAN ``spiffe://<federation>/reader/<name>``)."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as error:
@@ -127,7 +135,11 @@ class CertificateAuthority:
             public_key.curve, ec.SECP256R1
         ):
             raise InvalidArgument("EnrollRequest.csr_pem: expected an EC P-256 public key")
-        spiffe = site_spiffe_id(self.federation, site)
+        spiffe = (
+            reader_spiffe_id(self.federation, site)
+            if role == "reader"
+            else site_spiffe_id(self.federation, site)
+        )
         return self._leaf(
             public_key,
             site,

@@ -13,7 +13,14 @@ from coordinator import audit
 from coordinator.ca import CertificateAuthority
 from coordinator.store import SiteRecord, Store, TokenRecord
 from protocol.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from protocol.identity import EnrolmentToken, check_name, parse_credential, site_spiffe_id
+from protocol.identity import (
+    EnrolmentToken,
+    check_name,
+    parse_credential,
+    reader_record_name,
+    reader_spiffe_id,
+    site_spiffe_id,
+)
 from protocol.messages import Enrolment
 from protocol.x509 import certificate_sha256, serial_hex
 
@@ -39,9 +46,9 @@ def invite(
         raise InvalidArgument(f"role {role!r}: expected one of {', '.join(ROLES)}")
     if ttl_seconds <= 0:
         raise InvalidArgument(f"--ttl {ttl_seconds}s: expected a positive duration")
-    existing = store.get_site(site)
+    existing = store.get_site(reader_record_name(site) if role == "reader" else site)
     if existing is not None and existing.revoked_at is not None:
-        raise PermissionDenied(f"site {site!r} is revoked; it cannot be invited again")
+        raise PermissionDenied(f"{role} {site!r} is revoked; it cannot be invited again")
     created = time.time() if now is None else now
     token = EnrolmentToken(
         site=site,
@@ -87,22 +94,29 @@ def enroll(
             f"enrolment token {token_id} expired at {time.ctime(record.expires_at)}; "
             "ask the coordinator operator for a new invitation"
         )
-    if record.role != "site":
-        raise PermissionDenied(f"token {token_id} is a {record.role} token, not a site token")
+    if record.role not in ROLES:
+        raise PermissionDenied(f"token {token_id} has unknown role {record.role!r}")
     if site_name != record.site:
         raise PermissionDenied(
-            f"token {token_id} was issued for site {record.site!r}, not {site_name!r}"
+            f"token {token_id} was issued for {record.role} {record.site!r}, not {site_name!r}"
         )
-    existing = store.get_site(site_name)
+    # Readers are kept beside sites under a name no site can have (see reader_record_name).
+    reader = record.role == "reader"
+    stored_name = reader_record_name(site_name) if reader else site_name
+    existing = store.get_site(stored_name)
     if existing is not None and existing.revoked_at is not None:
-        raise PermissionDenied(f"site {site_name!r} is revoked")
-    cert = ca.issue_site_certificate(site_name, csr_pem)
+        raise PermissionDenied(f"{record.role} {site_name!r} is revoked")
+    cert = ca.issue_site_certificate(site_name, csr_pem, role=record.role)
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    spiffe = site_spiffe_id(ca.federation, site_name)
+    spiffe = (
+        reader_spiffe_id(ca.federation, site_name)
+        if reader
+        else site_spiffe_id(ca.federation, site_name)
+    )
     store.enroll_site(
         token_id,
         SiteRecord(
-            name=site_name,
+            name=stored_name,
             spiffe_id=spiffe,
             cert_serial=serial_hex(cert),
             cert_pem=cert_pem.decode(),

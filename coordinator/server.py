@@ -27,7 +27,7 @@ from protocol import federation_pb2 as pb
 from protocol import federation_pb2_grpc as pb_grpc
 from protocol import serde
 from protocol.errors import AtollError, PermissionDenied, Unauthenticated
-from protocol.identity import parse_site_spiffe_id
+from protocol.identity import parse_spiffe_id, reader_record_name
 from protocol.x509 import (
     load_certificate,
     load_private_key,
@@ -74,14 +74,16 @@ class Coordinator:
     def federation(self) -> str:
         return self.ca.federation
 
-    def caller(self, context: grpc.ServicerContext) -> SiteRecord:
-        """The enrolled, current, unrevoked site whose certificate made this call."""
+    def identity(self, context: grpc.ServicerContext) -> tuple[str, SiteRecord]:
+        """``(role, record)`` of the enrolled, current, unrevoked site or reader whose
+        certificate made this call."""
         # grpc-stubs types the values as bytes; gRPC returns a list of bytes per property.
         pems = cast(list[bytes], context.auth_context().get("x509_pem_cert"))
         if not pems:
             raise Unauthenticated(
-                f"this call needs mutual TLS with a site certificate of federation "
-                f"{self.federation!r}; enrol first with `site-agent join --token ...`"
+                f"this call needs mutual TLS with a certificate of federation "
+                f"{self.federation!r}; enrol first (`site-agent join` or `atoll download` "
+                "with a token)"
             )
         cert = load_certificate(pems[0], "peer certificate")
         if not signed_by(cert, self.ca.cert):
@@ -89,18 +91,29 @@ class Coordinator:
         uris = uri_sans(cert)
         if len(uris) != 1:
             raise Unauthenticated(f"peer certificate must carry one SPIFFE URI SAN, has {uris}")
-        name = parse_site_spiffe_id(uris[0], self.federation)
-        site = self.store.get_site(name)
-        if site is None:
-            raise Unauthenticated(f"site {name!r} is not enrolled")
-        if site.cert_serial != serial_hex(cert):
+        role, name = parse_spiffe_id(uris[0], self.federation)
+        record = self.store.get_site(reader_record_name(name) if role == "reader" else name)
+        if record is None:
+            raise Unauthenticated(f"{role} {name!r} is not enrolled")
+        if record.cert_serial != serial_hex(cert):
             raise Unauthenticated(
-                f"certificate {serial_hex(cert)} of site {name!r} was superseded by a later "
+                f"certificate {serial_hex(cert)} of {role} {name!r} was superseded by a later "
                 "enrolment; use the newest certificate"
             )
-        if site.revoked_at is not None:
-            raise PermissionDenied(f"site {name!r} is revoked")
-        return site
+        if record.revoked_at is not None:
+            raise PermissionDenied(f"{role} {name!r} is revoked")
+        return role, record
+
+    def caller(self, context: grpc.ServicerContext) -> SiteRecord:
+        """The enrolled, current, unrevoked site whose certificate made this call (readers
+        are refused: they may call only GetEnsemble and DownloadArtifact)."""
+        role, record = self.identity(context)
+        if role != "site":
+            raise PermissionDenied(
+                f"reader {record.name.removeprefix('reader/')!r} may call only GetEnsemble and "
+                "DownloadArtifact"
+            )
+        return record
 
 
 def _abort(context: grpc.ServicerContext, method: str, error: AtollError) -> None:
@@ -158,8 +171,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         self, request: pb.DownloadArtifactRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadArtifactResponse]:
         def prepare() -> tuple[pb.ArtifactRef, Iterator[tuple[int, bytes]]]:
-            site = self.c.caller(context)
-            record = artifacts.authorize_site_download(self.c.store, site, request.name)
+            role, caller = self.c.identity(context)
+            if role == "reader":
+                record = artifacts.authorize_reader_download(self.c.store, request.name)
+            else:
+                record = artifacts.authorize_site_download(self.c.store, caller, request.name)
             chunks = artifacts.read_chunks(self.c.state, record, request.offset)
             return pb.ArtifactRef(name=record.name, size=record.size, sha256=record.sha256), chunks
 
@@ -227,7 +243,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self, request: pb.GetEnsembleRequest, context: grpc.ServicerContext
     ) -> pb.GetEnsembleResponse:
         def run() -> pb.GetEnsembleResponse:
-            self.c.caller(context)
+            self.c.identity(context)  # sites and readers
             return serde.ensemble_to_pb(release.ensemble_info(self.c.store))
 
         return _handle(context, "GetEnsemble", run)

@@ -81,6 +81,8 @@ def federation_status(store: Store, now: float | None = None) -> list[SiteStatus
     experts = {a.site: a.expert_index for a in store.list_assignments()}
     rows = []
     for site in store.list_sites():
+        if "/reader/" in site.spiffe_id:
+            continue  # readers fetch the ensemble; they train nothing
         beat = beats.get(site.name)
         since = None if beat is None else max(0.0, now - beat.at)
         last_contact = beat.at if beat is not None else site.enrolled_at

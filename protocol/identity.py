@@ -37,6 +37,26 @@ def site_spiffe_id(federation: str, site: str) -> str:
     return f"spiffe://{federation}/site/{site}"
 
 
+def reader_spiffe_id(federation: str, reader: str) -> str:
+    """A reader's identity: it may fetch the published ensemble, nothing else."""
+    return f"spiffe://{federation}/reader/{reader}"
+
+
+def reader_record_name(reader: str) -> str:
+    """The store keeps readers beside sites under this name (``/`` never occurs in a site's
+    name, so the two cannot collide)."""
+    return f"reader/{reader}"
+
+
+def parse_spiffe_id(uri: str, federation: str) -> tuple[str, str]:
+    """``(role, name)`` of a site or reader id of ``federation`` (role ``site``/``reader``)."""
+    for role in ("site", "reader"):
+        prefix = f"spiffe://{federation}/{role}/"
+        if uri.startswith(prefix):
+            return role, check_name(uri[len(prefix) :], f"{role} name in certificate")
+    raise InvalidArgument(f"identity {uri!r} is not a site or reader of federation {federation!r}")
+
+
 def coordinator_spiffe_id(federation: str) -> str:
     return f"spiffe://{federation}/coordinator"
 

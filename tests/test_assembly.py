@@ -13,19 +13,32 @@ from typing import Any
 import numpy as np
 import pytest
 from assembly_helpers import Site, join, sign_and_upload, write_plan
+from conftest import FAST_FAIL
 
+from coordinator import enrolment
 from coordinator.assembly import AssemblyConfig, assemble
 from coordinator.audit import provenance_table
 from coordinator.cli import main as coordinator_main
 from coordinator.federation import init_federation
+from coordinator.sites import federation_status
 from coordinator.upload import upload_files_dir
 from ensemble.cli import main as atoll_main
 from ensemble.cli import verify_path
 from ensemble.manifest import MANIFEST_FILE, load_manifest, verify_files
-from protocol.errors import FailedPrecondition, InvalidArgument, VerificationFailed
+from protocol.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    VerificationFailed,
+)
 from protocol.exit_codes import ExitCode
+from protocol.messages import ArtifactRef
 from protocol.provenance import ENSEMBLE_STATEMENT_FILE
 from protocol.signing import SIGNATURE_FILE, verify_model
+from site_agent.agent import enrol
+from site_agent.transfer import download_artifact
+from site_agent.workdir import Workdir
 
 
 def _centroids(k: int) -> np.ndarray:
@@ -213,3 +226,32 @@ def test_verify_refuses_a_damaged_ensemble(running: Any, sites: list[Site], tmp_
     with pytest.raises(VerificationFailed, match=r"certificate chain check"):
         verify_path(result.directory, other.ca_cert.read_bytes())
     assert atoll_main(["verify", str(result.directory), "--trust", str(running.state.ca_cert)]) == 0
+
+
+def test_reader_may_fetch_only_the_published_ensemble(
+    running: Any, sites: list[Site], tmp_path: Path
+) -> None:
+    for site in sites:
+        _accept(running, site, tmp_path)
+    result = assemble(running.state, running.coordinator.store, AssemblyConfig())
+    token = enrolment.invite(
+        running.coordinator.store, running.coordinator.ca, "carol", 3600, role="reader"
+    )
+    workdir = Workdir(tmp_path / "reader")
+    identity = enrol(workdir, running.address, str(token), running.enrol_address, retry=FAST_FAIL)
+    assert identity.spiffe_id == "spiffe://testfed/reader/carol"
+    with running.client(workdir) as reader:
+        info = reader.get_ensemble()
+        assert info.ready and json.loads(info.manifest_json)["federation_id"] == "testfed"
+        ref = next(a for a in info.artifacts if a.name == "ensemble/README.md")
+        target = download_artifact(reader, ref, tmp_path / "got")
+        assert target.read_bytes() == (result.directory / "README.md").read_bytes()
+        with pytest.raises(NotFound, match="no published ensemble file"):
+            download_artifact(reader, ArtifactRef("partition/plan.json", 1, "0" * 64), tmp_path)
+        with pytest.raises(
+            PermissionDenied, match="may call only GetEnsemble and DownloadArtifact"
+        ):
+            reader.get_assignment()
+    # Readers are not sites: not in the status table, and sites still see the ensemble.
+    assert [row.site for row in federation_status(running.coordinator.store)] == ["alpha", "beta"]
+    assert sites[0].client.get_ensemble().ready

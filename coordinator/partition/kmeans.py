@@ -46,6 +46,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy.sparse import csr_matrix
 
 __all__ = [
     "KMeansResult",
@@ -75,6 +76,11 @@ _AUCTION_PATIENCE = 4
 _SHORTEST_PATH_EXCESS = 8
 # Newton steps on the prices pay off once loads are smooth functions of the prices.
 _NEWTON_MIN_POINTS = 4096
+# A Newton step moves no price by more than this many bandwidths (the density model is local).
+_NEWTON_REACH = 32
+_NEWTON_HALVINGS = 2
+# Candidate rows for the exact finish per unit of excess left after the Newton steps.
+_CANDIDATES_PER_UNIT = 64
 
 Progress = Callable[[int, float], None]
 """Called after each Lloyd iteration with (iteration, objective)."""
@@ -143,32 +149,34 @@ def _priced_argmax(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best priced cluster of every row, its margin over the second best, and the second best
     cluster, block by block."""
-    n, k = similarity.shape
+    n = similarity.shape[0]
     labels = np.empty(n, dtype=np.int64)
     runner_up = np.empty(n, dtype=np.int64)
     margins = np.empty(n, dtype=np.float64)
-    price_t = torch.from_numpy(prices.astype(np.float32))
-    sim_t = torch.from_numpy(similarity)
+    price32 = prices.astype(np.float32)
     for start in range(0, n, block):
         stop = min(start + block, n)
-        best, second, arg, second_arg = _top2(sim_t[start:stop] - price_t, k)
-        labels[start:stop] = arg.numpy()
-        runner_up[start:stop] = second_arg.numpy()
-        margins[start:stop] = (best - second).numpy()
+        best, second, arg, second_arg = _top2(similarity[start:stop] - price32)
+        labels[start:stop] = arg
+        runner_up[start:stop] = second_arg
+        np.subtract(best, second, out=margins[start:stop])
     return labels, margins, runner_up
 
 
-def _top2(
-    values: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(best, second best, argmax, second argmax) per row; overwrites ``values``."""
-    best, arg = values.max(dim=1)
-    if k == 1:
-        return best, torch.full_like(best, np.inf), arg, arg
-    # Two max passes beat topk(2) by ~3x on CPU; the scatter hides the winner for the second.
-    values.scatter_(1, arg[:, None], -np.inf)
-    second, second_arg = values.max(dim=1)
-    return best, second, arg, second_arg
+def _top2(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(best, second best, argmax, second argmax) per row; overwrites ``values``.
+
+    Two numpy argmax passes: on CPU they beat torch's row max and topk(2) by 2-3x for the
+    short rows (K columns) used here.
+    """
+    rows = np.arange(values.shape[0])
+    arg = values.argmax(axis=1)
+    best = values[rows, arg]
+    if values.shape[1] == 1:
+        return best, np.full_like(best, np.inf), arg, arg
+    values[rows, arg] = -np.inf
+    second_arg = values.argmax(axis=1)
+    return best, values[rows, second_arg], arg, second_arg
 
 
 def _newton_prices(
@@ -213,11 +221,14 @@ def _newton_prices(
         # cluster with no boundary points has an empty row; the small ridge keeps the solve
         # finite and leaves such a cluster's price nearly where it was.
         ridge = 1e-3 * max(float(np.trace(laplacian)) / k, 1.0)
-        step = np.linalg.solve(laplacian + ridge * np.eye(k), excess.astype(np.float64))
+        # torch's solver: numpy's OpenBLAS threads fight torch's for the two cores (100x slower).
+        step = torch.linalg.solve(
+            torch.from_numpy(laplacian + ridge * np.eye(k)), torch.from_numpy(excess * 1.0)
+        ).numpy()
         # The density model only holds within about h of the current prices: a cluster with
         # few boundary points would otherwise get a step that empties its neighbours.
-        step = np.clip(step - np.median(step), -2 * h, 2 * h)
-        for _halving in range(4):
+        step = np.clip(step - np.median(step), -_NEWTON_REACH * h, _NEWTON_REACH * h)
+        for _halving in range(_NEWTON_HALVINGS):
             trial = prices + step
             t_labels, t_margins, t_runner = _priced_argmax(similarity, trial)
             t_excess = np.bincount(t_labels, minlength=k) - capacities
@@ -476,9 +487,102 @@ def _shortest_paths(
             refresh(cluster)
 
 
+def _unit_shortest_paths(
+    similarity: np.ndarray,
+    capacities: np.ndarray,
+    prices: np.ndarray,
+    labels: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact finish for unit rows: successive shortest paths on the K-node cluster graph.
+
+    ``labels`` must be the best priced cluster of every row under ``prices`` (as after
+    :func:`_priced_argmax`), so every reduced cost starts non-negative. Each path moves one row
+    per edge from an over-full cluster to one with room; Dijkstra's distances raise the prices
+    of the clusters near the over-full ones (the Hungarian method's dual update), so every row
+    stays in a best priced cluster. The cheapest move out of cluster ``a`` into each ``b`` is
+    kept per ``a`` and recomputed only for the clusters a path touched, from that cluster's
+    member list: one augmentation costs about ``path length x N / K x K`` reads, not ``N``.
+
+    Returns:
+        ``(labels, prices)``: new arrays meeting the capacities exactly.
+    """
+    from scipy.sparse.csgraph import dijkstra
+
+    k = similarity.shape[1]
+    labels = labels.copy()
+    prices = prices.astype(np.float64, copy=True)
+    load = np.bincount(labels, minlength=k)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.r_[0, np.cumsum(load)]
+    members = [order[bounds[a] : bounds[a + 1]] for a in range(k)]
+    move = np.full((k, k), np.inf)
+    best_row = np.zeros((k, k), dtype=np.int64)
+    columns = np.arange(k)
+
+    def refresh(cluster: int) -> None:
+        rows = members[cluster]
+        move[cluster], best_row[cluster] = np.inf, 0
+        if rows.size:
+            values = similarity[rows].astype(np.float64)
+            cost = values[:, cluster : cluster + 1] - values
+            pick = cost.argmin(axis=0)
+            move[cluster] = cost[pick, columns]
+            best_row[cluster] = rows[pick]
+            move[cluster, cluster] = np.inf
+
+    for cluster in range(k):
+        if load[cluster] > 0:
+            refresh(cluster)
+    while True:
+        excess = load - capacities
+        sources = np.flatnonzero(excess > 0)
+        if sources.size == 0:
+            return labels, prices
+        # Reduced costs are >= 0 up to rounding; clamping at zero keeps Dijkstra exact.
+        reduced = np.maximum(move - prices[:, None] + prices[None, :], 0.0)
+        distance, parent, _ = dijkstra(
+            _cluster_graph(reduced),
+            indices=sources,
+            min_only=True,
+            return_predecessors=True,
+        )
+        sinks = np.flatnonzero(excess < 0)
+        sink = int(sinks[np.argmin(distance[sinks])])
+        reach = float(distance[sink])
+        if not np.isfinite(reach):
+            raise RuntimeError("balanced assignment: no path to a cluster with room")
+        prices += np.maximum(reach - distance, 0.0)
+        path = [sink]
+        while parent[path[-1]] >= 0:
+            path.append(int(parent[path[-1]]))
+        path.reverse()  # source ... sink
+        for a, b in itertools.pairwise(path):
+            row = best_row[a, b]
+            labels[row] = b
+            members[a] = members[a][members[a] != row]
+            members[b] = np.append(members[b], row)
+        load[path[0]] -= 1
+        load[sink] += 1
+        for cluster in set(path):
+            refresh(cluster)
+
+
+def _cluster_graph(reduced: np.ndarray) -> csr_matrix:
+    """The finite entries of a K x K cost matrix as a sparse graph, zero costs kept as edges.
+
+    10x faster than ``csgraph_from_dense``; a zero becomes the smallest positive float (scipy
+    drops explicit zeros), which changes no sum of costs of this size.
+    """
+    finite = np.isfinite(reduced)
+    indptr = np.r_[0, np.cumsum(finite.sum(axis=1))]
+    data = np.maximum(reduced[finite], np.finfo(np.float64).tiny)
+    indices = np.nonzero(finite)[1]
+    return csr_matrix((data, indices, indptr), shape=reduced.shape)
+
+
 def _newton_target(n: int, k: int) -> float:
     """Total excess below which the exact finish is cheaper than another Newton pass."""
-    return float(k)
+    return max(4.0, k / 8)
 
 
 def _merge_pieces(
@@ -554,37 +658,36 @@ def balanced_assignment(
         excess = int(np.maximum(np.bincount(labels, minlength=k) - capacities, 0).sum())
         if excess == 0:
             return labels, prices
-    # Only points with small margins can change cluster; solve on those, hold the rest, then
-    # prove the held points still sit in their best priced cluster under the new prices.
-    size = min(n, max(8 * excess, 16 * k, 4096))
-    start_prices = prices  # margins are relative to these; each retry starts from the last
+    if n > _NEWTON_MIN_POINTS:
+        prices, labels, margins = _newton_prices(
+            similarity, capacities, prices, target=_newton_target(n, k)
+        )
+        excess = int(np.maximum(np.bincount(labels, minlength=k) - capacities, 0).sum())
+    # Only rows with small margins can change cluster: shortest paths run on those, with the
+    # others held in place, and a per-row test proves afterwards that no held row would rather
+    # move under the new prices (else the candidate set grows and the finish runs again).
+    size = min(n, max(_CANDIDATES_PER_UNIT * excess, 16 * k, 1024))
     while True:
         if size >= n:
-            rows, clusters, _, new_prices = _auction(
-                similarity, capacities, start_prices, None, epsilon
-            )
-            out = np.empty(n, dtype=np.int64)
-            out[rows] = clusters
-            return out, new_prices
-        candidates = np.argpartition(margins, size)[:size]
+            return _unit_shortest_paths(similarity, capacities, prices, labels)
+        candidates = np.sort(np.argpartition(margins, size)[:size])
         held = np.ones(n, dtype=bool)
         held[candidates] = False
         room = capacities - np.bincount(labels[held], minlength=k)
         if (room < 0).any():
-            size *= 2
+            size *= 4
             continue
-        rows, clusters, _, new_prices = _auction(
-            similarity[candidates], room, start_prices, None, epsilon
+        moved, new_prices = _unit_shortest_paths(
+            similarity[candidates], room, prices, labels[candidates]
         )
+        # Prices only rise; a held row in cluster a keeps it if its margin covers a's rise
+        # beyond the smallest rise of any other cluster.
         shift = new_prices - prices
-        # A held point at cluster a keeps it if margin >= shift[a] - min(shift): its own value
-        # fell by shift[a] and no other cluster's rose by more than -min(shift).
         unsafe = held & (margins < shift[labels] - shift.min() - epsilon)
         if not unsafe.any():
-            labels[candidates[rows]] = clusters
+            labels[candidates] = moved
             return labels, new_prices
-        size = max(2 * size, size + 2 * int(unsafe.sum()))
-        start_prices = new_prices
+        size *= 4
 
 
 def _proportional(capacities: np.ndarray, size: int) -> np.ndarray:
@@ -688,16 +791,14 @@ def balanced_spherical_kmeans(
     iteration = 0
     for iteration in range(1, max_iter + 1):
         centroid_t = torch.from_numpy(centroids)
-        price_t = torch.from_numpy(
-            np.zeros(num_clusters, np.float32) if prices is None else prices.astype(np.float32)
-        )
+        price32 = (np.zeros(num_clusters) if prices is None else prices).astype(np.float32)
         guess = np.empty(n, dtype=np.int64)
         for start in range(0, n, block_size):
             stop = min(start + block_size, n)
             torch.mm(x_t[start:stop], centroid_t.T, out=sim_t[start:stop])
-            best, second, arg, _ = _top2(sim_t[start:stop] - price_t, num_clusters)
-            guess[start:stop] = arg.numpy()
-            margins[start:stop] = (best - second).numpy()
+            best, second, arg, _ = _top2(similarity[start:stop] - price32)
+            guess[start:stop] = arg
+            np.subtract(best, second, out=margins[start:stop])
         new_labels, prices = balanced_assignment(
             similarity,
             capacities,

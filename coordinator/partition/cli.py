@@ -99,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> PartitionConfig:
     """The typed configuration the flags describe."""
     from coordinator.partition.plan import PartitionConfig
+
     return PartitionConfig(
         dataset=args.dataset,
         image_root=args.image_root,

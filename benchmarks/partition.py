@@ -90,7 +90,10 @@ def worker(method: str, data: Path, k: int, iters: int, n: int | None) -> dict[s
         result = kmeans.balanced_spherical_kmeans(fit, k, seed=0, max_iter=iters, tol=-1.0)
         labels = result.labels
         if method == "ours":
-            similarity = x @ result.centroids.T
+            import torch
+
+            # torch's matmul, as the library uses: numpy's OpenBLAS threads fight torch's.
+            similarity = (torch.from_numpy(x) @ torch.from_numpy(result.centroids).T).numpy()
             labels, _ = kmeans.balanced_assignment(similarity, prices=result.prices)
     elif method == "balanced-kmeans":
         import torch
@@ -112,8 +115,11 @@ def worker(method: str, data: Path, k: int, iters: int, n: int | None) -> dict[s
             initial_state=torch.stack([start_centres, start_centres]),
         )
         start += (time.perf_counter() - start) / 2  # count one of the two identical problems
-        ids = ids[0]
-        labels = ids.numpy()
+        # Its labels are choices[:, :, 0] (each row filled with its cluster id), read here
+        # correctly: the uneven sizes are its own. Cluster j takes the cluster_size rows that
+        # rank j highest, and rows taken by an earlier cluster (rows now all equal to that id)
+        # rank every later cluster first, so later clusters steal them.
+        labels = ids[0].numpy()
     else:
         raise SystemExit(f"unknown method {method}")
     seconds = time.perf_counter() - start

@@ -81,6 +81,8 @@ _NEWTON_REACH = 32
 _NEWTON_HALVINGS = 2
 # Candidate rows for the exact finish per unit of excess left after the Newton steps.
 _CANDIDATES_PER_UNIT = 64
+# Above this excess on few rows, the auction beats one shortest path per unit.
+_SHORTEST_PATH_UNITS = 256
 
 Progress = Callable[[int, float], None]
 """Called after each Lloyd iteration with (iteration, objective)."""
@@ -658,6 +660,12 @@ def balanced_assignment(
         excess = int(np.maximum(np.bincount(labels, minlength=k) - capacities, 0).sum())
         if excess == 0:
             return labels, prices
+    if n <= _NEWTON_MIN_POINTS and excess > _SHORTEST_PATH_UNITS:
+        # Few rows, far from balance: the auction moves many rows per round.
+        rows, clusters, _, prices = _auction(similarity, capacities, prices, None, epsilon)
+        out = np.empty(n, dtype=np.int64)
+        out[rows] = clusters
+        return out, prices
     if n > _NEWTON_MIN_POINTS:
         prices, labels, margins = _newton_prices(
             similarity, capacities, prices, target=_newton_target(n, k)
@@ -687,7 +695,9 @@ def balanced_assignment(
         if not unsafe.any():
             labels[candidates] = moved
             return labels, new_prices
-        size *= 4
+        # Next time, every row whose margin the price rises could overcome, with room to spare.
+        spread = 2 * float(shift.max() - shift.min()) + epsilon
+        size = max(2 * size, int(np.count_nonzero(margins < spread)) + 1)
 
 
 def _proportional(capacities: np.ndarray, size: int) -> np.ndarray:

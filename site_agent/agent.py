@@ -15,33 +15,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
-
+from protocol.client import Credentials, FederationClient, Retry, enrol_with_token
+from protocol.download import download_artifact
 from protocol.errors import AtollError, FailedPrecondition, VerificationFailed
-from protocol.identity import EnrolmentToken
 from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
-from protocol.x509 import (
-    load_private_key,
-    new_p256_key,
-    private_key_pem,
-    write_private,
-    write_public,
-)
 from site_agent import expert
-from site_agent.client import FederationClient, Retry, fetch_pinned_ca, split_address
 from site_agent.supervisor import Supervisor, SupervisorConfig
-from site_agent.transfer import download_artifact, upload_directory
+from site_agent.transfer import signed_manifest, upload_directory
 from site_agent.workdir import SiteIdentity, Workdir
 
 log = logging.getLogger("atoll.site")
-
-
-def default_enrol_address(address: str) -> str:
-    """The coordinator's enrolment port: its mutual-TLS port + 1, unless told otherwise."""
-    host, port = split_address(address)
-    return f"{host}:{port + 1}"
 
 
 def enrol(
@@ -56,25 +39,8 @@ def enrol(
     ``address`` is the coordinator's mutual-TLS address (kept for every later call); enrolment
     itself goes to ``enrol_address`` (default: the next port).
     """
-    token = EnrolmentToken.parse(token_text)
-    enrol_at = enrol_address or default_enrol_address(address)
-    retry = retry or Retry()
-    ca_pem, federation = retry.run(
-        "TLS first contact", lambda: fetch_pinned_ca(enrol_at, token.ca_sha256)
-    )
-    key = load_private_key(workdir.key) if workdir.key.exists() else new_p256_key()
-    write_private(workdir.key, private_key_pem(key))
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, token.site)]))
-        .sign(key, hashes.SHA256())
-    )
-    with FederationClient(enrol_at, federation, ca_pem, retry=retry) as client:
-        result = client.enroll(token, csr.public_bytes(serialization.Encoding.PEM))
-    if result.ca_certificate_pem.strip() != ca_pem.strip():
-        raise VerificationFailed("Enroll answered with a CA other than the pinned one")
-    write_public(workdir.ca, ca_pem)
-    write_public(workdir.cert, result.certificate_pem)
+    credentials = Credentials(key=workdir.key, cert=workdir.cert, ca=workdir.ca)
+    token, result = enrol_with_token(credentials, address, token_text, enrol_address, retry)
     identity = SiteIdentity(address, result.federation, token.site, result.spiffe_id)
     workdir.save_identity(identity)
     log.info("[site] enrolled as %s", identity.spiffe_id)
@@ -233,7 +199,10 @@ class Agent:
             self._set_phase("uploading", "checkpoint signed")
         if self.phase == "uploading" and self.client is not None:
             model_dir = Path(state["training_done"]["model_dir"])
-            result = upload_directory(self.client, inputs.expert_index, model_dir, self.progress)
+            files = signed_manifest(model_dir)  # the digests model.sig already holds
+            result = upload_directory(
+                self.client, inputs.expert_index, model_dir, self.progress, files=files
+            )
             if not result.accepted:
                 self._set_phase("failed", f"upload rejected: {result.reason}")
                 self.beat()

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 from protocol.cli_support import run_parser
+from protocol.client import FederationClient
 from protocol.errors import FailedPrecondition, InvalidArgument
 from protocol.messages import PHASES
 from protocol.x509 import load_certificate
 from site_agent.agent import RESUMABLE, Agent, connect, enrol, require_enrolled
-from site_agent.client import FederationClient
 from site_agent.workdir import Workdir, read_json
 
 log = logging.getLogger("atoll.site")

@@ -1,13 +1,12 @@
-"""Resumable, verified transfers: artifact downloads and expert uploads.
+"""Resumable, verified expert uploads (downloads live in ``protocol.download``).
 
-Both survive a dropped connection or a coordinator restart: a download resumes from the size
-of its ``.part`` file, an upload from what the coordinator says it received (BeginUpload).
+An upload survives a dropped connection or a coordinator restart: it resumes from what the
+coordinator says it received (BeginUpload).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -15,76 +14,15 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from protocol.client import FederationClient, raise_unless_transient
 from protocol.digests import file_sha256
+from protocol.download import progress_bar
 from protocol.errors import VerificationFailed
-from protocol.messages import ArtifactRef, CommitResult, UploadChunk, UploadFile
+from protocol.messages import CommitResult, UploadChunk, UploadFile
 from protocol.signing import SIGNATURE_FILE, read_signed_digests
-from site_agent.client import FederationClient, raise_unless_transient
 
 log = logging.getLogger("atoll.site")
 CHUNK_SIZE = 1 << 20
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=not enabled,
-        leave=False,
-    )
-
-
-def download_artifact(
-    client: FederationClient,
-    ref: ArtifactRef,
-    dest_dir: Path,
-    progress: bool = False,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Path:
-    """Downloads ``ref`` into ``dest_dir`` (resuming a ``.part``) and verifies its sha256."""
-    target = dest_dir / ref.name
-    if target.exists() and target.stat().st_size == ref.size and file_sha256(target) == ref.sha256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    delay = client.retry.initial
-    while True:
-        offset = part.stat().st_size if part.exists() else 0
-        if offset > ref.size:
-            part.unlink()
-            offset = 0
-        try:
-            with part.open("ab") as handle, _progress(ref.size, offset, ref.name, progress) as bar:
-                for message in client.download_stream(ref.name, offset):
-                    if message.HasField("artifact") and message.artifact.sha256 != ref.sha256:
-                        raise VerificationFailed(
-                            f"artifact {ref.name}: coordinator serves sha256 "
-                            f"{message.artifact.sha256[:16]}.., the assignment says {ref.sha256[:16]}.."
-                        )
-                    if message.data:
-                        handle.write(message.data)
-                        bar.update(len(message.data))
-            break
-        except grpc.RpcError as error:
-            raise_unless_transient(error)
-            log.info(
-                "[site] download of %s interrupted (%s); resuming", ref.name, error.code().name
-            )
-            sleep(delay)
-            delay = min(delay * 2, client.retry.maximum)
-    actual = file_sha256(part)
-    if part.stat().st_size != ref.size or actual != ref.sha256:
-        part.unlink()  # a corrupt partial file would poison every resume
-        raise VerificationFailed(
-            f"artifact {ref.name}: expected sha256 {ref.sha256[:16]}.. ({ref.size} bytes), "
-            f"got {actual[:16]}.. ({part.stat().st_size if part.exists() else 0} bytes)"
-        )
-    os.replace(part, target)
-    return target
 
 
 def directory_manifest(directory: Path, known: Mapping[str, str] | None = None) -> list[UploadFile]:
@@ -146,7 +84,7 @@ def upload_directory(
             break
         done = sum(min(status.received.get(f.path, 0), f.size) for f in manifest)
         try:
-            with _progress(total, done, f"upload expert-{expert_index}", progress) as bar:
+            with progress_bar(total, done, f"upload expert-{expert_index}", progress) as bar:
                 client.upload_chunks(
                     _chunks(directory, status.upload_id, manifest, status.received, bar)
                 )

@@ -21,10 +21,10 @@ from safetensors.numpy import save_file
 from coordinator.artifacts import register_artifact
 from coordinator.store import PlanRecord
 from protocol.canonical import canonical_digest
+from protocol.client import FederationClient
 from protocol.digests import file_sha256
 from protocol.messages import AssignmentReply, CommitResult
 from protocol.provenance import TrainingRun, sign_expert
-from site_agent.client import FederationClient
 from site_agent.transfer import upload_directory
 from site_agent.workdir import Workdir
 

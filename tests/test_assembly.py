@@ -25,6 +25,7 @@ from coordinator.upload import upload_files_dir
 from ensemble.cli import main as atoll_main
 from ensemble.cli import verify_path
 from ensemble.manifest import MANIFEST_FILE, load_manifest, verify_files
+from protocol.download import download_artifact
 from protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -37,7 +38,6 @@ from protocol.messages import ArtifactRef
 from protocol.provenance import ENSEMBLE_STATEMENT_FILE
 from protocol.signing import SIGNATURE_FILE, verify_model
 from site_agent.agent import enrol
-from site_agent.transfer import download_artifact
 from site_agent.workdir import Workdir
 
 

@@ -30,11 +30,11 @@ from coordinator.cli import main as coordinator_main
 from coordinator.federation import init_federation
 from ensemble.cli import main as atoll_main
 from protocol.audit_log import Receipt, verify_log_file, verify_receipt
+from protocol.client import FederationClient
 from protocol.errors import PermissionDenied, VerificationFailed
 from protocol.exit_codes import ExitCode
 from protocol.messages import AssignmentReply, CommitResult
 from protocol.provenance import TrainingRun, sign_expert
-from site_agent.client import FederationClient
 from site_agent.transfer import directory_manifest, upload_directory
 from site_agent.workdir import Workdir
 

@@ -14,6 +14,7 @@ from coordinator import enrolment
 from coordinator.federation import init_federation, load_authority
 from protocol import federation_pb2 as pb
 from protocol import federation_pb2_grpc as pb_grpc
+from protocol.client import FederationClient, Retry
 from protocol.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -25,7 +26,6 @@ from protocol.errors import (
 from protocol.identity import EnrolmentToken, coordinator_dns_name
 from protocol.messages import AssignmentStatus, Heartbeat
 from site_agent.agent import connect, enrol
-from site_agent.client import FederationClient, Retry
 from site_agent.workdir import Workdir
 
 FAST = Retry(initial=0.05, maximum=0.2, give_up_after=1.0)

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
+from protocol.client import Retry
+from protocol.download import download_artifact
 from protocol.errors import InvalidArgument, NotFound, PermissionDenied, VerificationFailed
 from protocol.messages import ArtifactRef, UploadChunk, UploadFile
 from site_agent.agent import connect
-from site_agent.client import Retry
-from site_agent.transfer import directory_manifest, download_artifact, upload_directory
+from site_agent.transfer import directory_manifest, upload_directory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tcp_proxy import CuttingProxy

@@ -13,11 +13,13 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from protocol import federation_pb2 as pb
@@ -36,7 +38,16 @@ from protocol.messages import (
     UploadFile,
     UploadStatus,
 )
-from protocol.x509 import certificate_sha256, signed_by, uri_sans
+from protocol.x509 import (
+    certificate_sha256,
+    load_private_key,
+    new_p256_key,
+    private_key_pem,
+    signed_by,
+    uri_sans,
+    write_private,
+    write_public,
+)
 
 log = logging.getLogger("atoll.site")
 T = TypeVar("T")
@@ -227,3 +238,50 @@ class FederationClient:
             "GetEnsemble", lambda: self._stub.GetEnsemble(pb.GetEnsembleRequest())
         )
         return serde.ensemble_from_pb(reply)
+
+
+def default_enrol_address(address: str) -> str:
+    """The coordinator's enrolment port: its mutual-TLS port + 1, unless told otherwise."""
+    host, port = split_address(address)
+    return f"{host}:{port + 1}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where an enrolled identity (a site, or a reader of the ensemble) keeps its files."""
+
+    key: Path  # the P-256 private key: created here, never sent anywhere (0600)
+    cert: Path
+    ca: Path  # the pinned federation CA
+
+
+def enrol_with_token(
+    credentials: Credentials,
+    address: str,
+    token_text: str,
+    enrol_address: str | None = None,
+    retry: Retry | None = None,
+) -> tuple[EnrolmentToken, Enrolment]:
+    """Pins the federation CA from the token (kubeadm-style first contact), creates or reuses
+    the key, and exchanges a CSR + the one-time token for a certificate, which is written with
+    the CA next to the key."""
+    token = EnrolmentToken.parse(token_text)
+    enrol_at = enrol_address or default_enrol_address(address)
+    retry = retry or Retry()
+    ca_pem, federation = retry.run(
+        "TLS first contact", lambda: fetch_pinned_ca(enrol_at, token.ca_sha256)
+    )
+    key = load_private_key(credentials.key) if credentials.key.exists() else new_p256_key()
+    write_private(credentials.key, private_key_pem(key))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, token.site)]))
+        .sign(key, hashes.SHA256())
+    )
+    with FederationClient(enrol_at, federation, ca_pem, retry=retry) as client:
+        result = client.enroll(token, csr.public_bytes(serialization.Encoding.PEM))
+    if result.ca_certificate_pem.strip() != ca_pem.strip():
+        raise VerificationFailed("Enroll answered with a CA other than the pinned one")
+    write_public(credentials.ca, ca_pem)
+    write_public(credentials.cert, result.certificate_pem)
+    return token, result

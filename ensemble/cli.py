@@ -182,6 +182,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from ensemble.download import download_ensemble
+
+    report = download_ensemble(
+        args.coordinator,
+        Path(args.out),
+        token=args.token,
+        workdir=Path(args.workdir) if args.workdir else None,
+        enrol_address=args.enrol_address,
+        progress=sys.stderr.isatty(),
+    )
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"downloaded and verified the ensemble in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atoll", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -191,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate_cli.add_arguments(p)
     p.set_defaults(fn=generate_cli.run)
+
+    p = commands.add_parser("download", help="fetch the published ensemble and verify it")
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    p.add_argument("--token", help="reader token (`coordinator invite --role reader`), first run")
+    p.add_argument("--out", required=True, help="the ensemble directory to write")
+    p.add_argument("--workdir", help="where the reader key lives (default: beside --out)")
+    p.add_argument("--enrol-address", help="HOST:PORT for enrolment (default: PORT + 1)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_download)
 
     p = commands.add_parser("version", help="print the Atoll and protocol versions")
     p.set_defaults(fn=cmd_version)

@@ -255,3 +255,37 @@ def test_reader_may_fetch_only_the_published_ensemble(
     # Readers are not sites: not in the status table, and sites still see the ensemble.
     assert [row.site for row in federation_status(running.coordinator.store)] == ["alpha", "beta"]
     assert sites[0].client.get_ensemble().ready
+
+
+def test_atoll_download_fetches_verifies_and_resumes(
+    running: Any, sites: list[Site], tmp_path: Path
+) -> None:
+    for site in sites:
+        _accept(running, site, tmp_path)
+    result = assemble(running.state, running.coordinator.store, AssemblyConfig())
+    token = enrolment.invite(
+        running.coordinator.store, running.coordinator.ca, "dora", 3600, role="reader"
+    )
+    out = tmp_path / "downloaded"
+    argv = ["download", "--coordinator", running.address, "--out", str(out)]
+    argv += ["--enrol-address", running.enrol_address]
+    assert atoll_main([*argv, "--token", str(token)]) == 0
+    published = sorted(p.relative_to(result.directory) for p in result.directory.rglob("*"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == published
+    assert not list(out.rglob("*.part"))
+    # Idempotent, and resumes: a lost file comes back without the (spent) token.
+    (out / "README.md").unlink()
+    assert atoll_main(argv) == 0
+    assert (out / "README.md").read_bytes() == (result.directory / "README.md").read_bytes()
+    # A tampered local copy is replaced by the verified original.
+    manifest = out / MANIFEST_FILE
+    manifest.write_bytes(manifest.read_bytes().replace(b'"tau"', b'"tau" '))
+    assert atoll_main(argv) == 0
+    assert manifest.read_bytes() == (result.directory / MANIFEST_FILE).read_bytes()
+    assert verify_path(out, running.state.ca_cert.read_bytes())["kind"] == "ensemble"
+
+
+def test_atoll_download_needs_a_token_first(running: Any, tmp_path: Path) -> None:
+    code = atoll_main(["download", "--coordinator", running.address, "--out", str(tmp_path / "x")])
+    assert code == ExitCode.PRECONDITION
+    assert not (tmp_path / "x").exists()

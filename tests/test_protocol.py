@@ -157,6 +157,16 @@ def test_cli_flags_are_pinned() -> None:
         "version": ["--help", "-h"],
         "verify": ["--help", "--json", "--trust", "-h", "path"],
         "audit": ["--help", "--json", "--key", "--receipt", "-h", "log"],
+        "download": [
+            "--coordinator",
+            "--enrol-address",
+            "--help",
+            "--json",
+            "--out",
+            "--token",
+            "--workdir",
+            "-h",
+        ],
         "generate": [
             "--device",
             "--ensemble",

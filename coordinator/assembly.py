@@ -47,14 +47,14 @@ from coordinator.federation_recipe import current_recipe
 from coordinator.state import StateDir
 from coordinator.store import EnsembleRecord, Store
 from coordinator.upload import upload_files_dir
-from ensemble.manifest import (
+from protocol.canonical import canonical_digest
+from protocol.digests import file_sha256
+from protocol.ensemble_manifest import (
     MANIFEST_FILE,
     TextOnlyStrategy,
     expert_path,
     parse_manifest,
 )
-from protocol.canonical import canonical_digest
-from protocol.digests import file_sha256
 from protocol.errors import FailedPrecondition, InvalidArgument, VerificationFailed
 from protocol.identity import coordinator_spiffe_id
 from protocol.provenance import (

@@ -201,7 +201,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_assemble(args: argparse.Namespace) -> int:
     from coordinator.assembly import AssemblyConfig, assemble
-    from ensemble.manifest import TextOnlyStrategy
+    from protocol.ensemble_manifest import TextOnlyStrategy
 
     config = AssemblyConfig(
         tau=args.tau,

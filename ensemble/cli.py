@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ensemble import generate_cli
-from ensemble.manifest import MANIFEST_FILE
 from ensemble.verify import verify_ensemble
 from protocol import PROTOCOL_VERSION
 from protocol.audit_log import Receipt, verify_log_file, verify_receipt
 from protocol.cli_support import run_parser
+from protocol.ensemble_manifest import MANIFEST_FILE
 from protocol.errors import AtollError, InvalidArgument, NotFound, VerificationFailed
 from protocol.provenance import VerifiedExpert, verify_expert
 from protocol.signing import SIGNATURE_FILE

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ensemble.manifest import TextOnlyStrategy
+from protocol.ensemble_manifest import TextOnlyStrategy
 
 __all__ = ["add_arguments", "run"]
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ensemble.manifest import EncoderSpec
+from protocol.ensemble_manifest import EncoderSpec
 from protocol.errors import InvalidArgument, NotFound
 
 __all__ = [

@@ -1,7 +1,7 @@
 """One ensemble directory that behaves like one model.
 
 :meth:`RoutedEnsemble.from_pretrained` reads ``atoll_ensemble.json`` (see
-:mod:`ensemble.manifest`), verifies every file it lists, loads the router and the present
+:mod:`protocol.ensemble_manifest`), verifies every file it lists, loads the router and the present
 experts; :meth:`RoutedEnsemble.generate` answers a batch of prompts:
 
 * **top-1** (the paper's setting): the batch is grouped by chosen expert and each group runs
@@ -39,13 +39,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ensemble.manifest import (
+from ensemble.router import Router, load_feature_model, open_image
+from protocol.ensemble_manifest import (
     EnsembleManifest,
     TextOnlyStrategy,
     load_manifest,
     verify_files,
 )
-from ensemble.router import Router, load_feature_model, open_image
 from protocol.errors import InvalidArgument, NotFound
 
 __all__ = ["ImageInput", "RoutedEnsemble", "RoutedGeneration", "Verifier", "load_centroids"]
@@ -231,7 +231,7 @@ class RoutedEnsemble:
             verify: Check every listed file first (size and sha256).
             verifier: The check to run when ``verify`` (default: with ``trust``, the full
                 signature check of :func:`ensemble.verify.verify_ensemble`; without, the
-                digests of :func:`ensemble.manifest.verify_files`).
+                digests of :func:`protocol.ensemble_manifest.verify_files`).
             trust: The federation CA certificate (PEM bytes) that signatures must chain to.
             device: Where to run; default CUDA when available.
             dtype: Expert parameter dtype (default: as saved).

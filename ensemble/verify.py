@@ -3,7 +3,7 @@
 Checks, each failure naming the check and file:
 
 1. ``atoll_ensemble.json`` parses (every field valid) and every file it lists has its size and
-   sha256, with nothing unlisted in a loaded folder (:func:`ensemble.manifest.verify_files`);
+   sha256, with nothing unlisted in a loaded folder (:func:`protocol.ensemble_manifest.verify_files`);
 2. the coordinator's ``model.sig`` over the whole directory: its certificate chains to the
    trusted federation CA and names ``spiffe://<federation>/coordinator``, and the directory
    holds exactly the signed files;
@@ -29,14 +29,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ensemble.manifest import (
+from protocol.digests import file_sha256
+from protocol.ensemble_manifest import (
     MANIFEST_FILE,
     EnsembleManifest,
     listed_files,
     load_manifest,
     verify_files,
 )
-from protocol.digests import file_sha256
 from protocol.errors import VerificationFailed
 from protocol.identity import coordinator_spiffe_id
 from protocol.provenance import (

@@ -24,8 +24,8 @@ from coordinator.sites import federation_status
 from coordinator.upload import upload_files_dir
 from ensemble.cli import main as atoll_main
 from ensemble.cli import verify_path
-from ensemble.manifest import MANIFEST_FILE, load_manifest, verify_files
 from protocol.download import download_artifact
+from protocol.ensemble_manifest import MANIFEST_FILE, load_manifest, verify_files
 from protocol.errors import (
     FailedPrecondition,
     InvalidArgument,

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from coordinator.partition.features import load_encoder
-from ensemble.manifest import MANIFEST_FILE, expert_path
 from protocol.digests import file_sha256
+from protocol.ensemble_manifest import MANIFEST_FILE, expert_path
 from protocol.recipe import load_recipe
 from site_agent.training.model import load_model, load_processor
 

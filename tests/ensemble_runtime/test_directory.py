@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ensemble.manifest import MANIFEST_FILE, load_manifest
 from ensemble.runtime import RoutedEnsemble
+from protocol.ensemble_manifest import MANIFEST_FILE, load_manifest
 from protocol.errors import InvalidArgument, NotFound, VerificationFailed
 
 from .builders import picture, write_manifest

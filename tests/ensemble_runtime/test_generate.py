@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from ensemble.manifest import expert_path
 from ensemble.runtime import RoutedEnsemble
+from protocol.ensemble_manifest import expert_path
 from protocol.errors import InvalidArgument, NotFound
 
 from .builders import picture

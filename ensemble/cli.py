@@ -13,7 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ensemble import generate_cli
+from ensemble import evaluate, generate_cli
 from ensemble.verify import verify_ensemble
 from protocol import PROTOCOL_VERSION
 from protocol.audit_log import Receipt, verify_log_file, verify_receipt
@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate_cli.add_arguments(p)
     p.set_defaults(fn=generate_cli.run)
+
+    p = commands.add_parser(
+        "eval", help="score the ensemble (and a dense model) on a LLaVA-format benchmark file"
+    )
+    evaluate.add_arguments(p)
+    p.set_defaults(fn=evaluate.run)
 
     p = commands.add_parser("download", help="fetch the published ensemble and verify it")
     p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")

@@ -1,0 +1,374 @@
+"""``atoll eval``: score a routed ensemble (and optionally a dense model) on a benchmark file.
+
+The data is a LLaVA-format JSON list; each sample is one question::
+
+    {"id": "chart-7", "image": "charts/7.png", "benchmark": "charts", "task": "read",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is the value of B?"},
+                       {"from": "gpt", "value": "42"}],
+     "answers": ["42", "42.0"]}
+
+``answers`` (optional) are the reference answers; without it the first ``gpt`` turn is the
+only one. ``benchmark`` (default: the file's name) and ``task`` (default ``all``) group the
+table's rows. The question is the first ``human`` turn with its ``<image>`` tag removed, and
+is asked exactly as the experts were trained on it (the model's chat template, the image
+first). Answers are greedy.
+
+Example::
+
+    atoll eval --ensemble ens/ --data eval.json --image-root images/ --metric vqa \\
+        --dense dense-model/ --top-k 2 --json
+
+Each system is scored with :func:`ensemble.metrics.score`; the table has one row per
+(benchmark, task) and one per benchmark, and a column per system: the ensemble with top-1
+routing, with top-k (``--top-k N`` > 1) and the dense model (``--dense``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ensemble.metrics import METRICS, score
+from protocol.errors import InvalidArgument, NotFound
+
+__all__ = [
+    "Answerer",
+    "DenseModel",
+    "EvalReport",
+    "EvalSample",
+    "add_arguments",
+    "evaluate",
+    "load_eval_data",
+    "run",
+]
+
+IMAGE_TAG = "<image>"
+OVERALL = "all"
+
+Answerer = Callable[[Sequence[Image.Image | None], Sequence[str]], list[str]]
+"""Answers a batch: one image (or None) and one question per sample."""
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """One question of the benchmark file."""
+
+    id: str
+    image: Path | None
+    question: str
+    answers: list[str]
+    benchmark: str
+    task: str
+
+
+def _question(turn: str) -> str:
+    # "<image>\nWhat is it?" -> "What is it?": the runtime puts the image before the text,
+    # as the trainer does for a leading tag.
+    return "".join(piece.strip("\n") for piece in turn.split(IMAGE_TAG)).strip()
+
+
+def load_eval_data(path: Path, image_root: Path) -> list[EvalSample]:
+    """Reads a benchmark file.
+
+    Raises:
+        NotFound: the file or an image is missing.
+        InvalidArgument: the file is not a JSON list of samples, or a sample lacks a question
+            or reference answer (named by its id or position).
+    """
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"--data {path}: no such file") from None
+    except (OSError, ValueError) as error:
+        raise InvalidArgument(f"--data {path}: not a JSON file ({error})") from None
+    if not isinstance(document, list) or not document:
+        raise InvalidArgument(f"--data {path}: expected a non-empty JSON list of samples")
+    samples = []
+    for position, sample in enumerate(document):
+        where = f"--data {path}: sample {position}"
+        if not isinstance(sample, dict):
+            raise InvalidArgument(f"{where}: expected an object")
+        name = str(sample.get("id", position))
+        where = f"--data {path}: sample {name!r}"
+        turns = sample.get("conversations")
+        if not isinstance(turns, list):
+            raise InvalidArgument(f"{where}: conversations: expected a list of turns")
+        human = [t["value"] for t in turns if isinstance(t, dict) and t.get("from") == "human"]
+        gpt = [t["value"] for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
+        if not human or not isinstance(human[0], str) or not _question(human[0]):
+            raise InvalidArgument(f"{where}: no human turn with a question")
+        answers = sample.get("answers")
+        if answers is None:
+            answers = gpt[:1]
+        if (
+            not isinstance(answers, list)
+            or not answers
+            or not all(isinstance(a, str) for a in answers)
+        ):
+            raise InvalidArgument(f"{where}: expected reference answers (a gpt turn or 'answers')")
+        image = sample.get("image")
+        if isinstance(image, list):
+            if len(image) != 1:
+                raise InvalidArgument(f"{where}: image: atoll eval takes one image per question")
+            image = image[0]
+        if image is not None and not isinstance(image, str):
+            raise InvalidArgument(f"{where}: image: expected a path relative to --image-root")
+        image_path = None if image is None else image_root / image
+        if image_path is not None and not image_path.is_file():
+            raise NotFound(f"{where}: image {image!r} not found under {image_root}")
+        samples.append(
+            EvalSample(
+                id=name,
+                image=image_path,
+                question=_question(human[0]),
+                answers=answers,
+                benchmark=str(sample.get("benchmark", path.stem)),
+                task=str(sample.get("task", OVERALL)),
+            )
+        )
+    return samples
+
+
+class DenseModel:
+    """A plain Hugging Face vision-language model directory (``save_pretrained`` output, e.g.
+    the dense baseline's checkpoint), answering greedily with the same prompt the ensemble's
+    experts get."""
+
+    def __init__(
+        self, directory: Path, device: str | None = None, max_new_tokens: int = 32
+    ) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if not (directory / "config.json").is_file():
+            raise NotFound(f"--dense {directory}: no config.json; not a model directory")
+        try:
+            self.processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError, TypeError) as error:
+            raise InvalidArgument(f"--dense {directory}: does not load ({error})") from None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.max_new_tokens = max_new_tokens
+
+    def _prompt(self, question: str, has_image: bool) -> str:
+        # The rendering of RoutedEnsemble.prompt_text, so both answer the same prompt.
+        content: list[dict[str, str]] = [{"type": "text", "text": question}]
+        if has_image:
+            content.insert(0, {"type": "image"})
+        text: str = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        return text
+
+    def __call__(self, images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
+        import torch
+
+        texts = [self._prompt(q, i is not None) for i, q in zip(images, questions, strict=True)]
+        pictures = [i for i in images if i is not None]
+        if pictures:
+            batch = self.processor(images=pictures, text=texts, padding=True, return_tensors="pt")
+        else:
+            batch = self.tokenizer(texts, padding=True, return_tensors="pt")
+        batch = batch.to(self.device)
+        with torch.inference_mode():
+            output = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        start = batch["input_ids"].shape[1]
+        answers: list[str] = self.tokenizer.batch_decode(
+            output[:, start:], skip_special_tokens=True
+        )
+        return [a.strip() for a in answers]
+
+
+@dataclass
+class EvalReport:
+    """Scores per system, per (benchmark, task) group, and every prediction.
+
+    Attributes:
+        metric: The metric's name.
+        systems: Column names, in order (e.g. ``ensemble top-1``, ``dense``).
+        groups: ``(benchmark, task)`` -> number of questions; task ``all`` is the benchmark.
+        scores: system -> ``"benchmark/task"`` -> mean score.
+        predictions: system -> one answer per sample, in file order.
+    """
+
+    metric: str
+    systems: list[str]
+    groups: dict[tuple[str, str], int]
+    scores: dict[str, dict[str, float]]
+    predictions: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_json(self, samples: Sequence[EvalSample]) -> dict[str, Any]:
+        """The report as JSON-ready data (``--json``)."""
+        return {
+            "metric": self.metric,
+            "systems": self.systems,
+            "groups": [
+                {
+                    "benchmark": benchmark,
+                    "task": task,
+                    "n": n,
+                    "scores": {s: self.scores[s][f"{benchmark}/{task}"] for s in self.systems},
+                }
+                for (benchmark, task), n in self.groups.items()
+            ],
+            "predictions": [
+                {
+                    "id": sample.id,
+                    "answers": sample.answers,
+                    **{s: self.predictions[s][i] for s in self.systems},
+                }
+                for i, sample in enumerate(samples)
+            ],
+        }
+
+
+def _group_keys(sample: EvalSample) -> list[str]:
+    keys = [f"{sample.benchmark}/{OVERALL}"]
+    if sample.task != OVERALL:
+        keys.append(f"{sample.benchmark}/{sample.task}")
+    return keys
+
+
+def evaluate(
+    samples: Sequence[EvalSample],
+    systems: dict[str, Answerer],
+    metric: str,
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> EvalReport:
+    """Answers every sample with every system, in batches, and scores the answers.
+
+    Raises:
+        InvalidArgument: an unknown metric or a batch size below 1.
+    """
+    from ensemble.router import open_image
+
+    if metric not in METRICS:
+        raise InvalidArgument(f"--metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    if batch_size < 1:
+        raise InvalidArgument(f"--batch-size: expected >= 1, got {batch_size}")
+    groups: dict[tuple[str, str], int] = {}
+    for sample in samples:
+        for key in _group_keys(sample):
+            benchmark, task = key.split("/", 1)
+            groups[(benchmark, task)] = groups.get((benchmark, task), 0) + 1
+    groups = dict(sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] != OVERALL)))
+
+    from rich.progress import Progress
+
+    predictions: dict[str, list[str]] = {name: [] for name in systems}
+    with Progress(disable=not progress, transient=True) as bar:
+        tasks = {name: bar.add_task(f"[cyan]{name}", total=len(samples)) for name in systems}
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            images = [None if s.image is None else open_image(s.image) for s in chunk]
+            questions = [s.question for s in chunk]
+            for name, answer in systems.items():
+                predictions[name].extend(a.strip() for a in answer(images, questions))
+                bar.advance(tasks[name], len(chunk))
+
+    scores: dict[str, dict[str, float]] = {}
+    for name in systems:
+        totals: dict[str, float] = {}
+        for sample, prediction in zip(samples, predictions[name], strict=True):
+            value = score(metric, prediction, sample.answers)
+            for key in _group_keys(sample):
+                totals[key] = totals.get(key, 0.0) + value
+        scores[name] = {f"{b}/{t}": totals[f"{b}/{t}"] / n for (b, t), n in groups.items()}
+    return EvalReport(metric, list(systems), groups, scores, predictions)
+
+
+def print_table(report: EvalReport, title: str) -> None:
+    """The paper-style table: a row per benchmark (bold) and per task type, a column per
+    system, scores in percent."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("benchmark")
+    table.add_column("task")
+    table.add_column("n", justify="right")
+    for name in report.systems:
+        table.add_column(name, justify="right")
+    for (benchmark, task), n in report.groups.items():
+        cells = [f"{100 * report.scores[s][f'{benchmark}/{task}']:.1f}" for s in report.systems]
+        style = "bold" if task == OVERALL else None
+        table.add_row(benchmark if task == OVERALL else "", task, str(n), *cells, style=style)
+    Console(width=max(100, 30 + 16 * len(report.systems))).print(table)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``atoll eval``'s options to ``parser``."""
+    parser.add_argument("--ensemble", required=True, help="the ensemble directory")
+    parser.add_argument("--data", required=True, help="LLaVA-format JSON list of questions")
+    parser.add_argument("--image-root", required=True, help="folder image paths start from")
+    parser.add_argument("--metric", required=True, choices=sorted(METRICS))
+    parser.add_argument("--dense", help="a dense model directory to score side by side")
+    parser.add_argument("--top-k", type=int, help="also score the ensemble mixing N experts")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16, help="questions per batch")
+    parser.add_argument("--trust", help="federation CA (PEM): check signatures, not only digests")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    parser.add_argument("--json", action="store_true", help="print scores and answers as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Loads the data and models, evaluates, prints; errors raise AtollError."""
+    from ensemble.runtime import RoutedEnsemble
+
+    if args.max_new_tokens < 1:
+        raise InvalidArgument(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+    samples = load_eval_data(Path(args.data), Path(args.image_root))
+    trust = None
+    if args.trust:
+        try:
+            trust = Path(args.trust).read_bytes()
+        except OSError as error:
+            raise InvalidArgument(f"--trust {args.trust}: cannot read it ({error})") from None
+    ensemble = RoutedEnsemble.from_pretrained(
+        Path(args.ensemble), verify=True, trust=trust, device=args.device
+    )
+    tokens = args.max_new_tokens
+
+    def routed(top_k: int) -> Answerer:
+        def answer(images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
+            return ensemble.generate(images, questions, tokens, top_k=top_k)
+
+        return answer
+
+    systems: dict[str, Answerer] = {"ensemble top-1": routed(1)}
+    if args.top_k is not None and args.top_k != 1:
+        ensemble.router._check_top_k(args.top_k)
+        systems[f"ensemble top-{args.top_k}"] = routed(args.top_k)
+    if args.dense:
+        systems["dense"] = DenseModel(Path(args.dense), args.device, tokens)
+    report = evaluate(
+        samples,
+        systems,
+        args.metric,
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
+    if args.json:
+        print(json.dumps(report.to_json(samples), indent=2))
+    else:
+        print_table(report, f"atoll eval — {args.metric} ({len(samples)} questions)")
+    return 0

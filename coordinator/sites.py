@@ -100,7 +100,8 @@ def federation_status(store: Store, now: float | None = None) -> list[SiteStatus
                 eta_seconds=beat.eta_seconds if beat else 0.0,
                 last_heartbeat=beat.at if beat else None,
                 seconds_since_heartbeat=since,
-                silent=now - last_contact > silent_after,
+                # A site that reported "done" has finished (its agent exits): not silent.
+                silent=(beat is None or beat.phase != "done") and now - last_contact > silent_after,
                 message=beat.message if beat else "",
             )
         )

@@ -24,6 +24,7 @@ type it; their logs go to ``OUT/logs/``. What it does:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -71,7 +72,7 @@ class Size:
 
 
 FULL = Size(
-    train_images=300, eval_images=50, text_samples=150, eval_text=20, epochs=6, learning_rate=3e-3
+    train_images=300, eval_images=50, text_samples=150, eval_text=20, epochs=10, learning_rate=3e-3
 )
 QUICK = Size(
     train_images=48, eval_images=8, text_samples=16, eval_text=4, epochs=1, learning_rate=3e-3
@@ -148,6 +149,7 @@ def write_dataset(out: Path, size: Size, seed: int = 0) -> dict[str, Any]:
     train: list[dict[str, Any]] = []
     evaluation: list[dict[str, Any]] = []
     drawers = {"shapes": draw_shapes, "charts": draw_chart}
+    drawn: set[str] = set()
     total = 2 * (size.train_images + size.eval_images)
     with _progress() as bar:
         task = bar.add_task("drawing images", total=total)
@@ -158,7 +160,14 @@ def write_dataset(out: Path, size: Size, seed: int = 0) -> dict[str, Any]:
             for domain in DOMAINS:
                 for number in range(count):
                     relative = f"{domain}/{split}-{number:04d}.png"
-                    questions = drawers[domain](rng, images / relative)
+                    # Distinct pictures, so that unique images (what the partition balances)
+                    # and files are the same count.
+                    while True:
+                        questions = drawers[domain](rng, images / relative)
+                        digest = hashlib.sha256((images / relative).read_bytes()).hexdigest()
+                        if digest not in drawn:
+                            drawn.add(digest)
+                            break
                     # Every picture answers several questions: one image, several samples.
                     for task_name, question, answer in questions:
                         target.append(
@@ -239,7 +248,10 @@ class Runner:
 
     def __call__(self, *argv: str, log: str, env: dict[str, str] | None = None) -> str:
         self.show(argv)
-        with (self.out / "logs" / f"{log}.log").open("ab") as stderr:
+        with (
+            (self.out / "logs" / f"{log}.log").open("ab") as stderr,
+            console.status(f"{argv[0]} {argv[1] if len(argv) > 1 else ''}"),
+        ):
             done = subprocess.run(
                 [_binary(argv[0]), *argv[1:]],
                 stdout=subprocess.PIPE,
@@ -517,8 +529,9 @@ def balance(federation: Federation, data: Path) -> list[dict[str, Any]]:
         seen = set()
         for sample in shard.get("samples", []):
             image = sample.get("image") if isinstance(sample, dict) else None
-            if isinstance(image, str) and image not in seen:
-                seen.add(image)
+            digest = sample.get("image_sha256", image) if isinstance(sample, dict) else None
+            if isinstance(image, str) and digest not in seen:
+                seen.add(digest)
                 domain = image.split("/", 1)[0]
                 domains[domain] = domains.get(domain, 0) + 1
         rows.append(
@@ -586,15 +599,19 @@ def plot(path: Path, rows: list[dict[str, Any]], clusters: list[dict[str, Any]])
     names = [r["benchmark"] for r in overall]
     width = 0.27
     for offset, (key, label) in enumerate(
-        (("dense", "dense"), ("ensemble_top1", "ensemble top-1"), ("ensemble_top2", "top-2"))
+        (
+            ("dense", "dense"),
+            ("ensemble_top1", "ensemble top-1"),
+            ("ensemble_top2", "ensemble top-2"),
+        )
     ):
         values = [100 * (r[key] or 0.0) for r in overall]
         left.bar([i + (offset - 1) * width for i in range(len(names))], values, width, label=label)
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("exact match (%)")
-    left.set_ylim(0, 100)
+    left.set_ylim(0, 115)
     left.set_title("accuracy per domain")
-    left.legend()
+    left.legend(loc="upper center", ncol=3)
     bottom = [0] * len(clusters)
     labels = [f"expert {c['expert']}" for c in clusters]
     for domain in (*DOMAINS, "text-only"):
@@ -605,7 +622,8 @@ def plot(path: Path, rows: list[dict[str, Any]], clusters: list[dict[str, Any]])
         right.bar(labels, counts, bottom=bottom, label=domain)
         bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
     right.set_title("cluster balance (images by domain, text-only samples)")
-    right.legend()
+    right.set_ylim(0, 1.25 * max(bottom))
+    right.legend(loc="upper center", ncol=3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -695,17 +713,18 @@ def main(argv: list[str] | None = None) -> int:
         heading("2. federation demo (K=2) and 3. the dense baseline (K=1), same recipe")
         tokens = {f.name: set_up(run, f, data, recipe) for f in (demo, dense)}
         for cluster in demo.partition.get("clusters", []):
-            console.print(f"  cluster {cluster}", highlight=False)
+            console.print(
+                f"  partition: expert {cluster['expert']} gets {cluster['unique_images']} images, "
+                f"{cluster['samples']} samples ({cluster['text_only']} text-only)",
+                highlight=False,
+            )
         train_started = time.monotonic()
         for federation in (demo, dense):
             join_sites(run, federation, tokens[federation.name], out, data)
         finals = wait_for_training(run, [demo, dense], args.timeout)
         training_seconds = time.monotonic() - train_started
-        for name, row in finals.items():
-            console.print(
-                f"  {name}: {row['phase']}, {row['step']}/{row['total_steps']} steps, "
-                f"loss {row['loss']:.3f}"
-            )
+        console.print(run("coordinator", "status", "--state", str(demo.state), log="coordinator"))
+        console.print(run("coordinator", "status", "--state", str(dense.state), log="coordinator"))
 
         heading("4. assemble, download with a reader token, verify, audit")
         ensembles = {f.name: publish_and_fetch(run, f, out) for f in (demo, dense)}

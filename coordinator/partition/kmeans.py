@@ -430,7 +430,6 @@ def _shortest_paths(
     price by how much closer it is than the nearest under-full cluster keeps every piece
     within epsilon of its best cluster (the Hungarian method's dual update).
     """
-    from scipy.sparse.csgraph import csgraph_from_dense, dijkstra
 
     k = similarity.shape[1]
     prices = prices.copy()
@@ -459,22 +458,9 @@ def _shortest_paths(
             return piece_row, piece_cluster, piece_mass, prices
         # Reduced costs are >= -epsilon; clamping at zero keeps Dijkstra exact up to epsilon.
         reduced = np.maximum(move - prices[:, None] + prices[None, :], 0.0)
-        graph = csgraph_from_dense(reduced, null_value=np.inf)
-        distance, parent, _ = dijkstra(
-            graph, indices=sources, min_only=True, return_predecessors=True
-        )
-        sinks = np.flatnonzero(excess < -0.5)
-        sink = int(sinks[np.argmin(distance[sinks])])
-        reach = float(distance[sink])
-        if not np.isfinite(reach):
-            raise RuntimeError("balanced assignment: no path to a cluster with room")
-        prices += np.maximum(reach - distance, 0.0)
-        path = [sink]
-        while parent[path[-1]] >= 0:
-            path.append(int(parent[path[-1]]))
-        path.reverse()  # source ... sink
+        path = _augmenting_path(reduced, sources, np.flatnonzero(excess < -0.5), prices)
         edges = list(itertools.pairwise(path))
-        amount = min(excess[path[0]], -excess[sink])
+        amount = min(excess[path[0]], -excess[path[-1]])
         amount = min([amount, *(piece_mass[best_piece[a, b]] for a, b in edges)])
         for a, b in edges:
             piece = best_piece[a, b]
@@ -508,7 +494,6 @@ def _unit_shortest_paths(
     Returns:
         ``(labels, prices)``: new arrays meeting the capacities exactly.
     """
-    from scipy.sparse.csgraph import dijkstra
 
     k = similarity.shape[1]
     labels = labels.copy()
@@ -542,31 +527,39 @@ def _unit_shortest_paths(
             return labels, prices
         # Reduced costs are >= 0 up to rounding; clamping at zero keeps Dijkstra exact.
         reduced = np.maximum(move - prices[:, None] + prices[None, :], 0.0)
-        distance, parent, _ = dijkstra(
-            _cluster_graph(reduced),
-            indices=sources,
-            min_only=True,
-            return_predecessors=True,
-        )
-        sinks = np.flatnonzero(excess < 0)
-        sink = int(sinks[np.argmin(distance[sinks])])
-        reach = float(distance[sink])
-        if not np.isfinite(reach):
-            raise RuntimeError("balanced assignment: no path to a cluster with room")
-        prices += np.maximum(reach - distance, 0.0)
-        path = [sink]
-        while parent[path[-1]] >= 0:
-            path.append(int(parent[path[-1]]))
-        path.reverse()  # source ... sink
+        path = _augmenting_path(reduced, sources, np.flatnonzero(excess < 0), prices)
         for a, b in itertools.pairwise(path):
             row = best_row[a, b]
             labels[row] = b
             members[a] = members[a][members[a] != row]
             members[b] = np.append(members[b], row)
         load[path[0]] -= 1
-        load[sink] += 1
+        load[path[-1]] += 1
         for cluster in set(path):
             refresh(cluster)
+
+
+def _augmenting_path(
+    reduced: np.ndarray, sources: np.ndarray, sinks: np.ndarray, prices: np.ndarray
+) -> list[int]:
+    """The cheapest path (clusters, source ... sink) from an over-full cluster to one with room
+    under ``reduced`` costs; raises ``prices`` by the shortest-path distances (in place), which
+    keeps every reduced cost non-negative for the next search."""
+    from scipy.sparse.csgraph import dijkstra
+
+    distance, parent, _ = dijkstra(
+        _cluster_graph(reduced), indices=sources, min_only=True, return_predecessors=True
+    )
+    sink = int(sinks[np.argmin(distance[sinks])])
+    reach = float(distance[sink])
+    if not np.isfinite(reach):
+        raise RuntimeError("balanced assignment: no path to a cluster with room")
+    prices += np.maximum(reach - distance, 0.0)
+    path = [sink]
+    while parent[path[-1]] >= 0:
+        path.append(int(parent[path[-1]]))
+    path.reverse()
+    return path
 
 
 def _cluster_graph(reduced: np.ndarray) -> csr_matrix:

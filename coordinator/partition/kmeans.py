@@ -10,20 +10,21 @@ How the assignment step is solved (:func:`balanced_assignment`):
 
 * The problem's dual has only K variables, one *price* per cluster: at the optimum every point
   sits in a cluster maximising ``similarity - price``. Lloyd iterations move the centroids a
-  little at a time, so the previous iteration's prices are nearly right for the next one.
-* With those prices, most points have a clear favourite; only the points whose best and
-  second-best priced similarities are close (a small *margin*) can move. An auction is run on
-  those candidates alone, with the others' places held fixed, and a cheap per-point test proves
-  afterwards that no fixed point would rather move under the new prices (else the candidate set
-  grows and the auction resumes).
-* The auction: every over-full cluster raises its price just enough that its ``excess``
-  lowest-margin members prefer another cluster, and those members move to their best cluster
-  under the new prices. Prices only rise, so a cluster that reached its capacity never drops
-  below it, and clusters still under capacity keep their price until they fill up. Every point
-  ends within ``epsilon`` of its best priced cluster, so the total is within ``N * epsilon`` of
-  the exact optimum (the tests compare against ``scipy.optimize.linear_sum_assignment``).
+  little at a time, so the previous iteration's prices are nearly right for the next one (a
+  cold start first settles them on a random 1/8 of the points, recursively).
+* Newton steps on the prices: with many points, cluster loads are nearly smooth functions of
+  the prices, and the densities of points on each cluster boundary give the Jacobian. A few
+  passes bring the total excess from thousands of points to a few hundred.
+* The exact finish is successive shortest paths on the K-node cluster graph (the Hungarian
+  method's dual update): each path moves one point per edge from an over-full cluster to one
+  with room, and every point stays in a best priced cluster, so the result is optimal for its
+  capacities (the tests compare against ``scipy.optimize.linear_sum_assignment``). Its inner
+  loops are compiled (:mod:`coordinator.partition.kmeans_kernels`) and keep the cheapest move
+  between every pair of clusters up to date incrementally.
 * Similarities are computed block by block with one matrix multiply per block; the largest
   intermediate is the ``N x K`` similarity matrix, never an ``N x K x D`` tensor.
+* The two-stage coarse step, where a fine cluster of ``w`` points is one row of mass ``w``,
+  uses an auction on rising prices (a heavy row may be split), finished by the same paths.
 
 Example::
 
@@ -46,7 +47,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.sparse import csr_matrix
+
+from coordinator.partition import kmeans_kernels as kernels
 
 __all__ = [
     "KMeansResult",
@@ -79,10 +81,8 @@ _NEWTON_MIN_POINTS = 4096
 # A Newton step moves no price by more than this many bandwidths (the density model is local).
 _NEWTON_REACH = 32
 _NEWTON_HALVINGS = 2
-# Candidate rows for the exact finish per unit of excess left after the Newton steps.
-_CANDIDATES_PER_UNIT = 64
-# Above this excess on few rows, the auction beats one shortest path per unit.
-_SHORTEST_PATH_UNITS = 256
+# A Newton step that leaves more than this fraction of the excess is the last one.
+_NEWTON_PROGRESS = 0.5
 
 Progress = Callable[[int, float], None]
 """Called after each Lloyd iteration with (iteration, objective)."""
@@ -147,38 +147,22 @@ def balanced_sizes(num_points: int, num_clusters: int) -> np.ndarray:
 
 
 def _priced_argmax(
-    similarity: np.ndarray, prices: np.ndarray, block: int = DEFAULT_BLOCK
+    similarity: np.ndarray, prices: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best priced cluster of every row, its margin over the second best, and the second best
-    cluster, block by block."""
+    cluster (one compiled pass, no temporaries)."""
     n = similarity.shape[0]
     labels = np.empty(n, dtype=np.int64)
     runner_up = np.empty(n, dtype=np.int64)
     margins = np.empty(n, dtype=np.float64)
-    price32 = prices.astype(np.float32)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        best, second, arg, second_arg = _top2(similarity[start:stop] - price32)
-        labels[start:stop] = arg
-        runner_up[start:stop] = second_arg
-        np.subtract(best, second, out=margins[start:stop])
+    kernels.priced_top2(
+        np.ascontiguousarray(similarity, dtype=np.float32),
+        np.asarray(prices, dtype=np.float64),
+        labels,
+        margins,
+        runner_up,
+    )
     return labels, margins, runner_up
-
-
-def _top2(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(best, second best, argmax, second argmax) per row; overwrites ``values``.
-
-    Two numpy argmax passes: on CPU they beat torch's row max and topk(2) by 2-3x for the
-    short rows (K columns) used here.
-    """
-    rows = np.arange(values.shape[0])
-    arg = values.argmax(axis=1)
-    best = values[rows, arg]
-    if values.shape[1] == 1:
-        return best, np.full_like(best, np.inf), arg, arg
-    values[rows, arg] = -np.inf
-    second_arg = values.argmax(axis=1)
-    return best, values[rows, second_arg], arg, second_arg
 
 
 def _newton_prices(
@@ -236,11 +220,14 @@ def _newton_prices(
             t_excess = np.bincount(t_labels, minlength=k) - capacities
             t_total = np.maximum(t_excess, 0).sum()
             if t_total < total:
+                slow = t_total > _NEWTON_PROGRESS * total
                 prices, labels, margins, runner_up = trial, t_labels, t_margins, t_runner
                 excess, total = t_excess, t_total
                 break
             step = step / 2
         else:
+            break
+        if slow:  # the density model has stopped paying: shortest paths are cheaper now
             break
     return prices, labels, margins
 
@@ -453,12 +440,16 @@ def _shortest_paths(
     while True:
         load = np.bincount(piece_cluster, weights=piece_mass, minlength=k)
         excess = load - capacities
-        sources = np.flatnonzero(excess > 0.5)
-        if sources.size == 0:
+        if not (excess > 0.5).any():
             return piece_row, piece_cluster, piece_mass, prices
         # Reduced costs are >= -epsilon; clamping at zero keeps Dijkstra exact up to epsilon.
-        reduced = np.maximum(move - prices[:, None] + prices[None, :], 0.0)
-        path = _augmenting_path(reduced, sources, np.flatnonzero(excess < -0.5), prices)
+        sink, _, parent = kernels.shortest_path(move, prices, np.rint(excess).astype(np.int64))
+        if sink < 0:
+            raise RuntimeError("balanced assignment: no path to a cluster with room")
+        path = [int(sink)]
+        while parent[path[-1]] >= 0:
+            path.append(int(parent[path[-1]]))
+        path.reverse()
         edges = list(itertools.pairwise(path))
         amount = min(excess[path[0]], -excess[path[-1]])
         amount = min([amount, *(piece_mass[best_piece[a, b]] for a, b in edges)])
@@ -473,106 +464,6 @@ def _shortest_paths(
                 piece_cluster[piece] = b
         for cluster in set(path):
             refresh(cluster)
-
-
-def _unit_shortest_paths(
-    similarity: np.ndarray,
-    capacities: np.ndarray,
-    prices: np.ndarray,
-    labels: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact finish for unit rows: successive shortest paths on the K-node cluster graph.
-
-    ``labels`` must be the best priced cluster of every row under ``prices`` (as after
-    :func:`_priced_argmax`), so every reduced cost starts non-negative. Each path moves one row
-    per edge from an over-full cluster to one with room; Dijkstra's distances raise the prices
-    of the clusters near the over-full ones (the Hungarian method's dual update), so every row
-    stays in a best priced cluster. The cheapest move out of cluster ``a`` into each ``b`` is
-    kept per ``a`` and recomputed only for the clusters a path touched, from that cluster's
-    member list: one augmentation costs about ``path length x N / K x K`` reads, not ``N``.
-
-    Returns:
-        ``(labels, prices)``: new arrays meeting the capacities exactly.
-    """
-
-    k = similarity.shape[1]
-    labels = labels.copy()
-    prices = prices.astype(np.float64, copy=True)
-    load = np.bincount(labels, minlength=k)
-    order = np.argsort(labels, kind="stable")
-    bounds = np.r_[0, np.cumsum(load)]
-    members = [order[bounds[a] : bounds[a + 1]] for a in range(k)]
-    move = np.full((k, k), np.inf)
-    best_row = np.zeros((k, k), dtype=np.int64)
-    columns = np.arange(k)
-
-    def refresh(cluster: int) -> None:
-        rows = members[cluster]
-        move[cluster], best_row[cluster] = np.inf, 0
-        if rows.size:
-            values = similarity[rows].astype(np.float64)
-            cost = values[:, cluster : cluster + 1] - values
-            pick = cost.argmin(axis=0)
-            move[cluster] = cost[pick, columns]
-            best_row[cluster] = rows[pick]
-            move[cluster, cluster] = np.inf
-
-    for cluster in range(k):
-        if load[cluster] > 0:
-            refresh(cluster)
-    while True:
-        excess = load - capacities
-        sources = np.flatnonzero(excess > 0)
-        if sources.size == 0:
-            return labels, prices
-        # Reduced costs are >= 0 up to rounding; clamping at zero keeps Dijkstra exact.
-        reduced = np.maximum(move - prices[:, None] + prices[None, :], 0.0)
-        path = _augmenting_path(reduced, sources, np.flatnonzero(excess < 0), prices)
-        for a, b in itertools.pairwise(path):
-            row = best_row[a, b]
-            labels[row] = b
-            members[a] = members[a][members[a] != row]
-            members[b] = np.append(members[b], row)
-        load[path[0]] -= 1
-        load[path[-1]] += 1
-        for cluster in set(path):
-            refresh(cluster)
-
-
-def _augmenting_path(
-    reduced: np.ndarray, sources: np.ndarray, sinks: np.ndarray, prices: np.ndarray
-) -> list[int]:
-    """The cheapest path (clusters, source ... sink) from an over-full cluster to one with room
-    under ``reduced`` costs; raises ``prices`` by the shortest-path distances (in place), which
-    keeps every reduced cost non-negative for the next search."""
-    from scipy.sparse.csgraph import dijkstra
-
-    distance, parent, _ = dijkstra(
-        _cluster_graph(reduced), indices=sources, min_only=True, return_predecessors=True
-    )
-    sink = int(sinks[np.argmin(distance[sinks])])
-    reach = float(distance[sink])
-    if not np.isfinite(reach):
-        raise RuntimeError("balanced assignment: no path to a cluster with room")
-    prices += np.maximum(reach - distance, 0.0)
-    path = [sink]
-    while parent[path[-1]] >= 0:
-        path.append(int(parent[path[-1]]))
-    path.reverse()
-    return path
-
-
-def _cluster_graph(reduced: np.ndarray) -> csr_matrix:
-    """The finite entries of a K x K cost matrix as a sparse graph, zero costs kept as edges.
-
-    10x faster than ``csgraph_from_dense``; a zero becomes the smallest positive float (scipy
-    drops explicit zeros), which changes no sum of costs of this size.
-    """
-    finite = np.isfinite(reduced)
-    indptr = np.r_[0, np.cumsum(finite.sum(axis=1))]
-    data = np.maximum(reduced[finite], np.finfo(np.float64).tiny)
-    indices = np.nonzero(finite)[1]
-    return csr_matrix((data, indices, indptr), shape=reduced.shape)
 
 
 def _newton_target(n: int, k: int) -> float:
@@ -598,10 +489,8 @@ def balanced_assignment(
     capacities: np.ndarray | None = None,
     *,
     prices: np.ndarray | None = None,
-    epsilon: float = DEFAULT_EPSILON,
     seed: int = 0,
     labels: np.ndarray | None = None,
-    margins: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Assigns every row to a cluster, with exact cluster sizes, maximising total similarity.
 
@@ -609,12 +498,9 @@ def balanced_assignment(
         similarity: ``N x K`` float32 (row = point, column = cluster); it is only read.
         capacities: ``K`` integers summing to N; default :func:`balanced_sizes`.
         prices: starting cluster prices (for example the previous Lloyd iteration's); any
-            values are correct, good ones are fast. Default: estimated on a random subsample.
-        epsilon: optimality tolerance per point (the result is within ``N * epsilon`` of the
-            optimum).
-        seed: seeds the subsample used for starting prices.
+            values are correct, good ones are fast. Default: zeros.
+        seed: seeds the subsample used to settle prices that are far from right.
         labels: optional precomputed ``argmax(similarity - prices)`` (saves one pass).
-        margins: with ``labels``, the best-minus-second-best priced similarity of every row.
 
     Returns:
         ``(labels, prices)``: ``N`` int64 cluster ids meeting the capacities exactly, and the
@@ -628,8 +514,8 @@ def balanced_assignment(
         )
     similarity = np.ascontiguousarray(similarity, dtype=np.float32)
     prices = np.zeros(k) if prices is None else np.asarray(prices, dtype=np.float64)
-    if labels is None or margins is None:
-        labels, margins, _ = _priced_argmax(similarity, prices)
+    if labels is None:
+        labels, _, _ = _priced_argmax(similarity, prices)
     else:
         labels = labels.copy()
     counts = np.bincount(labels, minlength=k)
@@ -646,51 +532,17 @@ def balanced_assignment(
             similarity[sample],
             _proportional(capacities, sample.size),
             prices=prices,
-            epsilon=epsilon,
             seed=seed + 1,
         )
-        labels, margins, _ = _priced_argmax(similarity, prices)
+        labels, _, _ = _priced_argmax(similarity, prices)
         excess = int(np.maximum(np.bincount(labels, minlength=k) - capacities, 0).sum())
         if excess == 0:
             return labels, prices
-    if n <= _NEWTON_MIN_POINTS and excess > _SHORTEST_PATH_UNITS:
-        # Few rows, far from balance: the auction moves many rows per round.
-        rows, clusters, _, prices = _auction(similarity, capacities, prices, None, epsilon)
-        out = np.empty(n, dtype=np.int64)
-        out[rows] = clusters
-        return out, prices
     if n > _NEWTON_MIN_POINTS:
-        prices, labels, margins = _newton_prices(
+        prices, labels, _ = _newton_prices(
             similarity, capacities, prices, target=_newton_target(n, k)
         )
-        excess = int(np.maximum(np.bincount(labels, minlength=k) - capacities, 0).sum())
-    # Only rows with small margins can change cluster: shortest paths run on those, with the
-    # others held in place, and a per-row test proves afterwards that no held row would rather
-    # move under the new prices (else the candidate set grows and the finish runs again).
-    size = min(n, max(_CANDIDATES_PER_UNIT * excess, 16 * k, 1024))
-    while True:
-        if size >= n:
-            return _unit_shortest_paths(similarity, capacities, prices, labels)
-        candidates = np.sort(np.argpartition(margins, size)[:size])
-        held = np.ones(n, dtype=bool)
-        held[candidates] = False
-        room = capacities - np.bincount(labels[held], minlength=k)
-        if (room < 0).any():
-            size *= 4
-            continue
-        moved, new_prices = _unit_shortest_paths(
-            similarity[candidates], room, prices, labels[candidates]
-        )
-        # Prices only rise; a held row in cluster a keeps it if its margin covers a's rise
-        # beyond the smallest rise of any other cluster.
-        shift = new_prices - prices
-        unsafe = held & (margins < shift[labels] - shift.min() - epsilon)
-        if not unsafe.any():
-            labels[candidates] = moved
-            return labels, new_prices
-        # Next time, every row whose margin the price rises could overcome, with room to spare.
-        spread = 2 * float(shift.max() - shift.min()) + epsilon
-        size = max(2 * size, int(np.count_nonzero(margins < spread)) + 1)
+    return kernels.unit_shortest_paths(similarity, capacities, prices, labels)
 
 
 def _proportional(capacities: np.ndarray, size: int) -> np.ndarray:
@@ -724,16 +576,9 @@ def _as_unit_rows(features: np.ndarray, what: str = "features") -> np.ndarray:
     return x
 
 
-def _cluster_sums(x: torch.Tensor, labels: np.ndarray, k: int, block: int) -> torch.Tensor:
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
-    label_t = torch.from_numpy(labels)
-    for start in range(0, x.shape[0], block):
-        # Summing float32 blocks into float64 keeps million-point sums exact enough to be
-        # independent of block size.
-        partial = torch.zeros(k, x.shape[1], dtype=torch.float32)
-        partial.index_add_(0, label_t[start : start + block], x[start : start + block])
-        sums += partial
-    return sums
+def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> torch.Tensor:
+    """``K x D`` float64 sums of each cluster's rows (compiled: 3x torch's ``index_add_``)."""
+    return torch.from_numpy(kernels.cluster_sums(x, labels, k))
 
 
 def _normalised(sums: torch.Tensor, previous: np.ndarray) -> np.ndarray:
@@ -756,7 +601,6 @@ def balanced_spherical_kmeans(
     max_iter: int = 50,
     tol: float = 0.0,
     block_size: int = DEFAULT_BLOCK,
-    epsilon: float = DEFAULT_EPSILON,
     progress: Progress | None = None,
 ) -> KMeansResult:
     """Spherical k-means whose clusters have sizes ``N // K`` or ``N // K + 1``, never other.
@@ -771,7 +615,6 @@ def balanced_spherical_kmeans(
         tol: stop once at most this fraction of points changed cluster in an iteration
             (0: stop only when the assignment is unchanged).
         block_size: points per similarity matrix multiply.
-        epsilon: per-point optimality tolerance of each assignment step.
         progress: called after every iteration with ``(iteration, objective)``.
 
     Returns:
@@ -787,36 +630,25 @@ def balanced_spherical_kmeans(
     similarity = np.empty((n, num_clusters), dtype=np.float32)
     sim_t = torch.from_numpy(similarity)
     labels = np.full(n, -1, dtype=np.int64)
-    margins = np.empty(n, dtype=np.float64)
     prices: np.ndarray | None = None
     objective = 0.0
     converged = False
     iteration = 0
     for iteration in range(1, max_iter + 1):
         centroid_t = torch.from_numpy(centroids)
-        price32 = (np.zeros(num_clusters) if prices is None else prices).astype(np.float32)
-        guess = np.empty(n, dtype=np.int64)
         for start in range(0, n, block_size):
-            stop = min(start + block_size, n)
-            torch.mm(x_t[start:stop], centroid_t.T, out=sim_t[start:stop])
-            best, second, arg, _ = _top2(similarity[start:stop] - price32)
-            guess[start:stop] = arg
-            np.subtract(best, second, out=margins[start:stop])
+            torch.mm(
+                x_t[start : start + block_size], centroid_t.T, out=sim_t[start : start + block_size]
+            )
         new_labels, prices = balanced_assignment(
-            similarity,
-            capacities,
-            prices=prices,
-            epsilon=epsilon,
-            seed=seed + iteration,
-            labels=guess,
-            margins=margins,
+            similarity, capacities, prices=prices, seed=seed + iteration
         )
         changed = int((new_labels != labels).sum())
         labels = new_labels
         objective = float(
             np.take_along_axis(similarity, labels[:, None], axis=1).sum(dtype=np.float64)
         )
-        centroids = _normalised(_cluster_sums(x_t, labels, num_clusters, block_size), centroids)
+        centroids = _normalised(_cluster_sums(x, labels, num_clusters), centroids)
         if progress is not None:
             progress(iteration, objective)
         if changed <= tol * n:
@@ -952,7 +784,7 @@ def two_stage_balanced_kmeans(
         max_iter: coarse Lloyd iteration cap.
         fine_iter: fine (faiss) iterations.
         block_size: points per similarity matrix multiply.
-        epsilon: per-unit optimality tolerance of the balanced steps.
+        epsilon: per-unit optimality tolerance of the coarse (weighted) balanced step.
 
     Returns:
         A :class:`TwoStageResult`.
@@ -965,7 +797,7 @@ def two_stage_balanced_kmeans(
     _check_k(fine, num_clusters)
     fine_centroids, fine_labels = spherical_kmeans(x, fine, seed=seed, max_iter=fine_iter)
     x_t = torch.from_numpy(x)
-    sums = _cluster_sums(x_t, fine_labels, fine, block_size).numpy()
+    sums = _cluster_sums(x, fine_labels, fine).numpy()
     mass = np.bincount(fine_labels, minlength=fine).astype(np.float64)
     used = np.flatnonzero(mass > 0)  # faiss may leave a fine cluster without nearest points
     if used.size < num_clusters:
@@ -974,7 +806,7 @@ def two_stage_balanced_kmeans(
         )
     if balance == "clusters":
         coarse = balanced_spherical_kmeans(
-            fine_centroids[used], num_clusters, seed=seed, max_iter=max_iter, epsilon=epsilon
+            fine_centroids[used], num_clusters, seed=seed, max_iter=max_iter
         )
         of_fine = np.full(fine, -1, dtype=np.int64)
         of_fine[used] = coarse.labels
@@ -1007,7 +839,7 @@ def two_stage_balanced_kmeans(
         # A split fine cluster: its points go to the coarse centroids they are closest to,
         # within the quotas the coarse step gave each of them.
         local = (x_t[members] @ c_t[targets].T).numpy()
-        chosen, _ = balanced_assignment(local, quota[targets], epsilon=epsilon, seed=seed)
+        chosen, _ = balanced_assignment(local, quota[targets], seed=seed)
         labels[members] = targets[chosen]
     objective = _similarity_to(x_t, centroids, labels, block_size)
     result = KMeansResult(centroids, labels, objective, iterations, converged, prices)

@@ -137,9 +137,9 @@ class PartitionConfig:
             "assign": self.assign,
             "max_iter": self.max_iter,
             "max_points_per_centroid": self.max_points_per_centroid,
-            "epsilon": kmeans.DEFAULT_EPSILON,
         }
         if self.algorithm == "two-stage":
+            params["epsilon"] = kmeans.DEFAULT_EPSILON
             params["fine_clusters"] = self.fine_clusters
             params["balance"] = self.two_stage_balance
         return params

@@ -199,8 +199,12 @@ class _TorchFeatureModel:
         image_forward: Callable[[torch.Tensor], torch.Tensor],
         text_forward: Callable[[Sequence[str]], torch.Tensor] | None,
         device: torch.device,
+        clip: Any = None,
     ) -> None:
         self.dim = dim
+        # The Hugging Face CLIPModel behind an ``hf`` encoder: the runtime shares its vision
+        # tower with LLaVA experts whose tower is the same model.
+        self.clip = clip
         self._transform = transform
         self._image_forward = image_forward
         self._text_forward = text_forward
@@ -351,4 +355,5 @@ def _hf_clip(spec: EncoderSpec, directory: Path, device: torch.device) -> _Torch
         image_forward,
         text_forward if tokenizer is not None else None,
         device,
+        clip=model,
     )

@@ -27,8 +27,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ensemble.router import Router, load_feature_model, open_image
+from ensemble.router import Router, Routing, load_feature_model, open_image
 from protocol.ensemble_manifest import (
     EnsembleManifest,
     TextOnlyStrategy,
@@ -119,11 +123,23 @@ def _model_class(architecture: str) -> Any:
 
 
 class _Experts:
-    """The present experts: full models side by side, or one base with a peft adapter each."""
+    """The present experts: full models side by side, or one base with a peft adapter each.
 
-    def __init__(self, models: dict[int, nn.Module], adapters: nn.Module | None) -> None:
+    :meth:`units` is how a batch runs: rows grouped by expert become as few model calls as the
+    experts allow -- one call for LoRA adapters over one base (peft picks each row's adapter)
+    and for full experts of one architecture (:class:`_StackedExperts`), one call per expert
+    otherwise.
+    """
+
+    def __init__(
+        self,
+        models: dict[int, nn.Module],
+        adapters: nn.Module | None,
+        stacked: _StackedExperts | None = None,
+    ) -> None:
         self._models = models
         self._adapters = adapters
+        self.stacked = stacked
 
     @classmethod
     def load(
@@ -147,7 +163,7 @@ class _Experts:
 
             assert manifest.base is not None  # the manifest validator guarantees it
             base = _load_model(loader, directory / manifest.base.path, dtype, device)
-            # One base in memory; each adapter is a few MB, switched with set_adapter.
+            # One base in memory; each adapter is a few MB, chosen per row (adapter_names).
             first, *rest = lora
             peft_model = PeftModel.from_pretrained(
                 base, directory / first.path, adapter_name=_adapter(first.index)
@@ -159,7 +175,12 @@ class _Experts:
             adapters = peft_model.to(device).eval()
             for expert in lora:
                 models[expert.index] = adapters
-        return cls(models, adapters)
+        stacked = None
+        if len(full) > 1 and not lora:
+            stacked = _StackedExperts.build(
+                {e.index: models[e.index] for e in full}, manifest.architecture
+            )
+        return cls(models, adapters, stacked)
 
     def model(self, index: int) -> nn.Module:
         """Expert ``index``, ready to run (its adapter active, for LoRA experts)."""
@@ -168,10 +189,240 @@ class _Experts:
             model.set_adapter(_adapter(index))  # type: ignore[operator]
         return model
 
+    def engines(self) -> list[nn.Module]:
+        """Every distinct model a unit can run (the peft model once, the stacked model)."""
+        engines = {id(model): model for model in self._models.values()}
+        if self.stacked is not None:
+            engines[id(self.stacked.model)] = self.stacked.model
+        return list(engines.values())
+
+    def vision_towers(self) -> list[nn.Module]:
+        """Every distinct vision tower a unit can run (empty for text-only experts)."""
+        towers: dict[int, nn.Module] = {}
+        for engine in self.engines():
+            tower = _vision_tower(engine)
+            if tower is not None:
+                towers[id(tower)] = tower
+        return list(towers.values())
+
+    def units(self, row_experts: Sequence[int], image_rows: Sequence[bool]) -> list[_Unit]:
+        """Model calls that together run every row through its own expert.
+
+        Args:
+            row_experts: Each row's expert; rows of one expert must be adjacent.
+            image_rows: Whether each row has an image (its ``pixel_values`` row).
+        """
+        runs = _runs(row_experts)
+        if len({expert for expert, _, _ in runs}) != len(runs):
+            raise ValueError(f"rows must be grouped by expert, got {list(row_experts)}")
+        everyone = {expert for expert, _, _ in runs}
+        images = [e for e, has in zip(row_experts, image_rows, strict=True) if has]
+        if self._adapters is not None and all(self._models[e] is self._adapters for e in everyone):
+            names = [_adapter(e) for e in row_experts]
+            return [_Unit(self._adapters, 0, len(row_experts), {"adapter_names": names})]
+        if self.stacked is not None and everyone <= self.stacked.experts and len(runs) > 1:
+            return [_Unit(self.stacked.model, 0, len(row_experts), {}, self.stacked, runs, images)]
+        units = []
+        for expert, start, end in runs:
+            model = self._models[expert]
+            kwargs: dict[str, Any] = {}
+            if model is self._adapters:
+                kwargs["adapter_names"] = [_adapter(expert)] * (end - start)
+            units.append(_Unit(model, start, end, kwargs))
+        return units
+
     def vocab_size(self, index: int) -> int:
         config: Any = self._models[index].config
         text = config.get_text_config()
         return int(text.vocab_size)
+
+
+@dataclass
+class _Unit:
+    """One model call over rows ``[start, end)`` of a batch, each row through its own expert."""
+
+    model: nn.Module
+    start: int
+    end: int
+    kwargs: dict[str, Any]
+    stacked: _StackedExperts | None = None
+    runs: list[tuple[int, int, int]] = field(default_factory=list)
+    image_experts: list[int] = field(default_factory=list)
+
+    def __call__(self, method: str, /, **inputs: Any) -> Any:
+        """``model.<method>(**inputs)``, with this unit's rows assigned to their experts."""
+        if self.stacked is not None:
+            self.stacked.assign(self.runs, _runs(self.image_experts))
+        return getattr(self.model, method)(**inputs, **self.kwargs)
+
+
+def _runs(experts: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(expert, start, end)`` for each stretch of adjacent rows of one expert."""
+    runs: list[list[int]] = []
+    for row, expert in enumerate(experts):
+        if runs and runs[-1][0] == expert:
+            runs[-1][2] = row + 1
+        else:
+            runs.append([expert, row, row + 1])
+    return [(expert, start, end) for expert, start, end in runs]
+
+
+# Config keys that name or date a checkpoint without changing what it computes.
+_BOOKKEEPING_KEYS = frozenset(
+    {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
+)
+
+
+class _StackedExperts:
+    """Full experts of one architecture as one model: a batch whose rows are grouped by
+    expert runs as one forward pass, each row through its own expert's weights.
+
+    Experts fine-tuned from one base differ only in their weights, so the model is expert
+    0's module tree in which every submodule whose own weights differ between experts (the
+    trained language model; not a frozen vision tower) is replaced by a
+    :class:`_PerRowExperts` that sends each stretch of rows to that expert's own submodule.
+    Nothing is copied: the submodules are the experts' own. One forward pass per decoding
+    step instead of one per expert is what makes a routed batch cost what a dense one costs
+    when per-call overhead, not arithmetic, dominates (small models, small batches); the
+    arithmetic is the same either way.
+    """
+
+    def __init__(self, model: nn.Module, experts: set[int], differing: list[str]) -> None:
+        self.model = model
+        self.experts = experts
+        self.differing = differing
+        self._runs: dict[int, list[tuple[int, int, int]]] = {}
+
+    @classmethod
+    def build(cls, models: dict[int, nn.Module], architecture: str) -> _StackedExperts | None:
+        """The stacked model, or None when the experts differ in more than their weights."""
+        indices = sorted(models)
+        first = models[indices[0]]
+        if any(_config_key(models[i]) != _config_key(first) for i in indices[1:]):
+            return None
+        differing: list[str] = []
+        for name, module in first.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in differing):
+                continue
+            try:
+                others = [models[i].get_submodule(name) for i in indices[1:]]
+            except AttributeError:
+                return None
+            own = _direct_tensors(module)
+            for other in others:
+                theirs = _direct_tensors(other)
+                if type(other) is not type(module) or not _same_layout(own, theirs):
+                    return None
+            if any(not _same_values(own, _direct_tensors(other)) for other in others):
+                differing.append(name)
+        if "" in differing:
+            return None
+        tower = _vision_tower(first)
+        tower_name = next((n for n, m in first.named_modules() if m is tower), None)
+        if (
+            tower_name is not None
+            and architecture != "llava"
+            and any(n == tower_name or n.startswith(tower_name + ".") for n in differing)
+        ):
+            # Only LLaVA gives each image exactly one row of pixel_values (no tiles), which is
+            # what lets a vision tower of its own run per row.
+            return None
+        shared = {id(t): t for t in [*first.parameters(), *first.buffers()]}
+        model = copy.deepcopy(first, memo=shared)  # new modules, the same tensors
+        stacked = cls(model, set(indices), differing)
+        for name in differing:
+            parent, _, child = name.rpartition(".")
+            replacement = _PerRowExperts(
+                {i: models[i].get_submodule(name) for i in indices}, stacked
+            )
+            setattr(model.get_submodule(parent), child, replacement)
+        return stacked
+
+    def assign(
+        self, rows: list[tuple[int, int, int]], image_rows: list[tuple[int, int, int]]
+    ) -> None:
+        """Sets the experts of the next forward pass's rows (and of its images' rows)."""
+        runs = {_total(image_rows): image_rows}
+        runs[_total(rows)] = rows  # every row has an image: both are the same
+        self._runs = runs
+
+    def runs(self, rows: int) -> list[tuple[int, int, int]]:
+        try:
+            return self._runs[rows]
+        except KeyError:
+            raise RuntimeError(
+                f"stacked experts: a tensor of {rows} rows, but the batch has "
+                f"{sorted(self._runs)} (rows, image rows)"
+            ) from None
+
+
+def _total(runs: list[tuple[int, int, int]]) -> int:
+    return runs[-1][2] if runs else 0
+
+
+class _PerRowExperts(nn.Module):
+    """Stands in for a submodule whose weights differ between experts: each stretch of rows
+    goes through its own expert's submodule; the outputs are concatenated in row order.
+
+    It calls the experts' ``forward`` (``F.linear`` for a linear layer) directly: this runs
+    once per layer per decoding step, where ``nn.Module.__call__``'s bookkeeping is a
+    measurable share of a small model's step. The submodules are leaves of a model loaded
+    for inference, with no hooks of their own to skip.
+    """
+
+    def __init__(self, modules: dict[int, nn.Module], stacked: _StackedExperts) -> None:
+        super().__init__()
+        self.experts = nn.ModuleDict({str(index): module for index, module in modules.items()})
+        self._calls = {index: _direct_call(module) for index, module in modules.items()}
+        self._stacked = stacked
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        runs = self._stacked.runs(x.shape[0])
+        calls = self._calls
+        if len(runs) == 1:
+            return calls[runs[0][0]](x, *args, **kwargs)
+        return torch.cat([calls[e](x[s:t], *args, **kwargs) for e, s, t in runs])
+
+
+def _direct_call(module: nn.Module) -> Callable[..., torch.Tensor]:
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: torch.nn.functional.linear(x, weight, bias)
+    forward: Callable[..., torch.Tensor] = module.forward
+    return forward
+
+
+def _config_key(model: nn.Module) -> str:
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in _BOOKKEEPING_KEYS}
+        return value
+
+    config: Any = model.config
+    return json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
+
+
+def _direct_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=False))
+    tensors.update(module.named_buffers(recurse=False))
+    return tensors
+
+
+def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[n].shape == b[n].shape and a[n].dtype == b[n].dtype for n in a
+    )
+
+
+def _same_values(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(a[n] is b[n] or torch.equal(a[n], b[n]) for n in a)
+
+
+def _vision_tower(model: nn.Module) -> nn.Module | None:
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "vision_tower":
+            return module
+    return None
 
 
 def _adapter(index: int) -> str:
@@ -212,6 +463,9 @@ class RoutedEnsemble:
         self.tokenizer.padding_side = "left"
         self.device = device
         self.log_priors = torch.tensor(manifest.router.cluster_priors).log()
+        self.shared_tower = _SharedTower.find(feature_model, experts, processor, manifest)
+        if self.shared_tower is not None:
+            log.info("[RoutedEnsemble] the router shares the experts' CLIP vision tower")
 
     @classmethod
     def from_pretrained(
@@ -305,25 +559,36 @@ class RoutedEnsemble:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def route_images(self, images: Sequence[Image.Image], top_k: int | None = None) -> Any:
-        """The router's decision (:class:`~ensemble.router.Routing`) for a batch of images."""
+    def route_images(self, images: Sequence[Image.Image], top_k: int | None = None) -> Routing:
+        """The router's decision for a batch of images."""
+        if self.shared_tower is not None:
+            pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
+            features, _ = self.shared_tower.encode(pixels["pixel_values"].to(self.device))
+            return self.router.route(features, top_k)
         return self.router.route(self.feature_model.encode_images(images), top_k)
 
     def _static_routes(
         self,
-        images: Sequence[Image.Image | None],
+        batch: _Batch,
         prompts: Sequence[str],
         top_k: int,
         strategy: TextOnlyStrategy,
     ) -> list[tuple[list[int], list[float]] | None]:
         """Per sample: (experts, weights), or None where the posterior decides per token."""
         routes: list[tuple[list[int], list[float]] | None] = [None] * len(prompts)
-        with_image = [i for i, image in enumerate(images) if image is not None]
+        with_image = [i for i, has in enumerate(batch.has_image) if has]
         if with_image:
-            routing = self.route_images([images[i] for i in with_image], top_k)  # type: ignore[misc]
+            if self.shared_tower is not None and batch.one_row_per_image:
+                # One pass of the tower: routed from here, handed to the experts later.
+                features, batch.tower_output = self.shared_tower.encode(
+                    batch.inputs["pixel_values"]
+                )
+                routing = self.router.route(features, top_k)
+            else:
+                routing = self.route_images([batch.pictures[i] for i in with_image], top_k)  # type: ignore[misc]
             for row, i in enumerate(with_image):
                 routes[i] = (routing.experts[row].tolist(), routing.weights[row].tolist())
-        text_only = [i for i, image in enumerate(images) if image is None]
+        text_only = [i for i, has in enumerate(batch.has_image) if not has]
         if text_only and strategy is TextOnlyStrategy.UNIFORM:
             present = self.manifest.present_experts
             for i in text_only:
@@ -334,6 +599,12 @@ class RoutedEnsemble:
             for row, i in enumerate(text_only):
                 routes[i] = (routing.experts[row].tolist(), routing.weights[row].tolist())
         return routes
+
+    def _handing_tower(self, batch: _Batch) -> Any:
+        """While generating: the experts' vision towers return the routing pass's output."""
+        if self.shared_tower is None or batch.tower_output is None:
+            return contextlib.nullcontext()
+        return self.shared_tower.handing(batch)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -405,7 +676,8 @@ class RoutedEnsemble:
         if any(i is not None for i in images) and self.manifest.architecture == "causal-lm":
             raise InvalidArgument("images: a causal-lm ensemble answers text-only prompts")
         pictures = [None if image is None else open_image(image) for image in images]
-        routes = self._static_routes(pictures, prompts, k, strategy)
+        batch = _Batch(self, pictures, prompts)
+        routes = self._static_routes(batch, prompts, k, strategy)
         sampling = _Sampling(do_sample, temperature, seed)
 
         n = len(prompts)
@@ -418,28 +690,24 @@ class RoutedEnsemble:
         dynamic = [i for i, r in enumerate(routes) if r is None]
         for i in single + mixed:
             experts[i], weights[i] = routes[i]  # type: ignore[misc]
-        by_expert: dict[int, list[int]] = {}
-        for i in single:
-            by_expert.setdefault(experts[i][0], []).append(i)
-        for index, members in sorted(by_expert.items()):
-            tokens = self._expert_generate(
-                index, pictures, prompts, members, max_new_tokens, sampling
-            )
-            for i, ids in zip(members, tokens, strict=True):
-                token_ids[i] = ids
-        if mixed:
-            plan = {i: (experts[i], weights[i]) for i in mixed}
-            result = self._lockstep(pictures, prompts, plan, k, max_new_tokens, sampling, False)
-            for i in mixed:
-                token_ids[i] = result[i][0]
-        if dynamic:
-            present = self.manifest.present_experts
-            prior = torch.softmax(self.log_priors[present], dim=0).tolist()
-            plan = {i: (present, prior) for i in dynamic}
-            result = self._lockstep(pictures, prompts, plan, k, max_new_tokens, sampling, True)
-            for i in dynamic:
-                token_ids[i], posteriors[i] = result[i]
-                experts[i], weights[i] = present, prior
+        with self._handing_tower(batch), torch.inference_mode():
+            if single:
+                chosen = {i: experts[i][0] for i in single}
+                for i, ids in self._top1(batch, chosen, max_new_tokens, sampling).items():
+                    token_ids[i] = ids
+            if mixed:
+                plan = {i: (experts[i], weights[i]) for i in mixed}
+                result = self._lockstep(batch, plan, k, max_new_tokens, sampling, False)
+                for i in mixed:
+                    token_ids[i] = result[i][0]
+            if dynamic:
+                present = self.manifest.present_experts
+                prior = torch.softmax(self.log_priors[present], dim=0).tolist()
+                plan = {i: (present, prior) for i in dynamic}
+                result = self._lockstep(batch, plan, k, max_new_tokens, sampling, True)
+                for i in dynamic:
+                    token_ids[i], posteriors[i] = result[i]
+                    experts[i], weights[i] = present, prior
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return RoutedGeneration(texts, token_ids, experts, weights, posteriors)
 
@@ -466,37 +734,42 @@ class RoutedEnsemble:
                 return ids[:position]
         return ids
 
-    def _expert_generate(
+    def _top1(
         self,
-        index: int,
-        pictures: Sequence[Image.Image | None],
-        prompts: Sequence[str],
-        members: list[int],
+        batch: _Batch,
+        chosen: dict[int, int],
         max_new_tokens: int,
         sampling: _Sampling,
-    ) -> list[list[int]]:
-        """Top-1: one batched call of the expert's own ``generate`` for its group."""
-        model = self.experts.model(index)
-        inputs = self.encode_inputs([pictures[i] for i in members], [prompts[i] for i in members])
+    ) -> dict[int, list[int]]:
+        """Top-1: the samples grouped by expert, each unit one batched ``generate`` (one for
+        the whole batch when the experts stack or are LoRA adapters over one base)."""
+        order = sorted(chosen, key=lambda i: (chosen[i], i))
+        units = self.experts.units([chosen[i] for i in order], [batch.has_image[i] for i in order])
         options: dict[str, Any] = {"do_sample": sampling.do_sample}
         if sampling.do_sample:
             options.update(temperature=sampling.temperature, top_k=0, top_p=1.0)
-        with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(self.device)):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + index)
-            output = model.generate(  # type: ignore[operator]
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **options,
-            )
-        start = inputs["input_ids"].shape[1]
-        return [self._trim(row[start:].tolist()) for row in output]
+        tokens: dict[int, list[int]] = {}
+        for unit in units:
+            members = order[unit.start : unit.end]
+            inputs = batch.select(members)
+            with torch.random.fork_rng(devices=_rng_devices(self.device)):
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed + unit.start)
+                output = unit(
+                    "generate",
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **options,
+                )
+            start = inputs["input_ids"].shape[1]
+            for i, row in zip(members, output[:, start:].tolist(), strict=True):
+                tokens[i] = self._trim(row)
+        return tokens
 
     def _lockstep(
         self,
-        pictures: Sequence[Image.Image | None],
-        prompts: Sequence[str],
+        batch: _Batch,
         plan: dict[int, tuple[list[int], list[float]]],
         top_k: int,
         max_new_tokens: int,
@@ -506,73 +779,257 @@ class RoutedEnsemble:
         """Top-k > 1 and the posterior: experts step together, each with its own KV cache over
         the samples routed to it, and the next token comes from the mixture.
 
-        With ``posterior``, ``plan`` holds the priors; every expert's probability of the
-        prompt and of each chosen token updates ``log p(S_k | z)``, and the step mixes its
-        top-k.
+        A row is one (sample, expert) pair; rows are grouped by expert and run as few model
+        calls as :meth:`_Experts.units` allows (one, for stacked or LoRA experts). Sample
+        ``b``'s ``j``-th expert writes ``log_probs[b, j]``; ``log_weights[b, j]`` is its
+        ``log w``. With ``posterior``, ``plan`` holds the priors; every expert's probability
+        of the prompt and of each chosen token updates ``log p(S_k | z)``, and the step
+        mixes its top-k.
         """
         samples = sorted(plan)
-        row_of = {sample: row for row, sample in enumerate(samples)}
-        num_experts = self.manifest.num_experts
+        width = max(len(chosen) for chosen, _ in plan.values())
         vocab = self.experts.vocab_size(self.manifest.present_experts[0])
-        # log w[b, k]: -inf for experts a sample does not use.
-        log_weights = torch.full((len(samples), num_experts), float("-inf"))
-        for sample, (chosen, ws) in plan.items():
-            log_weights[row_of[sample], chosen] = torch.tensor(ws).log()
-        members: dict[int, list[int]] = {}
-        for sample, (chosen, _) in plan.items():
-            for index in chosen:
-                members.setdefault(index, []).append(sample)
-
-        states: dict[int, _ExpertState] = {}
-        log_probs = torch.full((len(samples), num_experts, vocab), float("-inf"))
-        with torch.inference_mode():
-            for index, group in sorted(members.items()):
-                inputs = self.encode_inputs(
-                    [pictures[s] for s in group], [prompts[s] for s in group]
-                )
-                state, logits = _ExpertState.prefill(self.experts.model(index), inputs)
-                states[index] = state
-                rows = [row_of[s] for s in group]
-                log_probs[rows, index] = torch.log_softmax(logits[:, -1].float(), -1).cpu()
-                if posterior:
-                    log_weights[rows, index] += _sequence_log_likelihood(logits, inputs).cpu()
-            history: list[torch.Tensor] = []
+        # -inf marks an unused slot (a sample mixing fewer experts than the widest).
+        log_weights = torch.full((len(samples), width), float("-inf"))
+        rows: list[tuple[int, int, int]] = []  # (expert, sample position, slot)
+        for b, sample in enumerate(samples):
+            chosen, ws = plan[sample]
+            log_weights[b, : len(chosen)] = torch.tensor(ws).log()
+            rows.extend((expert, b, j) for j, expert in enumerate(chosen))
+        rows.sort()
+        log_weights = log_weights.to(self.device)
+        row_sample = torch.tensor([b for _, b, _ in rows], device=self.device)
+        row_slot = torch.tensor([j for _, _, j in rows], device=self.device)
+        units = self.experts.units(
+            [e for e, _, _ in rows], [batch.has_image[samples[b]] for _, b, _ in rows]
+        )
+        log_probs = torch.full((len(samples), width, vocab), float("-inf"), device=self.device)
+        states: list[tuple[_Unit, _ExpertState, slice]] = []
+        for unit in units:
+            part = slice(unit.start, unit.end)
+            inputs = batch.select([samples[b] for _, b, _ in rows[part]])
+            state, logits = _ExpertState.prefill(unit, inputs, all_logits=posterior)
+            at = (row_sample[part], row_slot[part])
+            log_probs[at] = torch.log_softmax(logits[:, -1].float(), -1)
             if posterior:
-                log_weights = torch.log_softmax(log_weights, dim=-1)
+                log_weights[at] += _sequence_log_likelihood(logits, inputs)
+            states.append((unit, state, part))
+        history: list[torch.Tensor] = []
+        if posterior:
+            log_weights = torch.log_softmax(log_weights, dim=-1)
+            history.append(log_weights.exp())
+        eos = torch.tensor(sorted(self._eos()), dtype=torch.long, device=self.device)
+        pad = torch.tensor(self.tokenizer.pad_token_id, device=self.device)
+        finished = torch.zeros(len(samples), dtype=torch.bool, device=self.device)
+        everyone = torch.arange(len(samples), device=self.device)
+        chosen_tokens: list[torch.Tensor] = []
+        generator = sampling.generator(self.device)
+        for position in range(max_new_tokens):
+            mix = _top_k_renormalised(log_weights, top_k) if posterior else log_weights
+            mixed = torch.logsumexp(mix[:, :, None] + log_probs, dim=1)
+            next_tokens = torch.where(finished, pad, sampling.choose(mixed, generator))
+            chosen_tokens.append(next_tokens)
+            if posterior:
+                step = log_probs[everyone, :, next_tokens]
+                update = torch.where(finished[:, None], torch.zeros_like(step), step)
+                log_weights = torch.log_softmax(log_weights + update, dim=-1)
                 history.append(log_weights.exp())
-            eos = self._eos()
-            finished = torch.zeros(len(samples), dtype=torch.bool)
-            tokens: list[list[int]] = [[] for _ in samples]
-            generator = sampling.generator()
-            for _ in range(max_new_tokens):
-                mix = _top_k_renormalised(log_weights, top_k) if posterior else log_weights
-                mixed = torch.logsumexp(mix[:, :, None] + log_probs, dim=1)
-                next_tokens = sampling.choose(mixed, generator)
-                next_tokens[finished] = self.tokenizer.pad_token_id
-                for row, token in enumerate(next_tokens.tolist()):
-                    if not finished[row]:
-                        tokens[row].append(token)
-                if posterior:
-                    step = log_probs[torch.arange(len(samples)), :, next_tokens]
-                    update = torch.where(finished[:, None], torch.zeros_like(step), step)
-                    log_weights = torch.log_softmax(log_weights + update, dim=-1)
-                    history.append(log_weights.exp())
-                finished |= torch.tensor([t in eos for t in next_tokens.tolist()])
-                if bool(finished.all()):
-                    break
-                for index, state in states.items():
-                    rows = [row_of[s] for s in members[index]]
-                    logits = state.step(
-                        self.experts.model(index), next_tokens[rows].to(self.device)
-                    )
-                    log_probs[rows, index] = torch.log_softmax(logits.float(), -1).cpu()
-        return {
-            sample: (
-                self._trim(tokens[row]),
-                torch.stack([h[row] for h in history]) if posterior else None,
+            finished |= torch.isin(next_tokens, eos)
+            if position == max_new_tokens - 1 or bool(finished.all()):
+                break
+            for unit, state, part in states:
+                logits = state.step(unit, next_tokens[row_sample[part]])
+                log_probs[row_sample[part], row_slot[part]] = torch.log_softmax(logits.float(), -1)
+        generated = torch.stack(chosen_tokens, dim=1).tolist()
+        results: dict[int, tuple[list[int], torch.Tensor | None]] = {}
+        for b, sample in enumerate(samples):
+            trajectory = None
+            if posterior:
+                chosen = plan[sample][0]
+                trajectory = torch.zeros(len(history), self.manifest.num_experts)
+                trajectory[:, chosen] = torch.stack([h[b, : len(chosen)] for h in history]).cpu()
+            results[sample] = (self._trim(generated[b]), trajectory)
+        return results
+
+
+class _Batch:
+    """A batch encoded once (chat template, tokens, left padding, pixels); every unit of
+    generation takes its rows from here, so nothing is preprocessed twice."""
+
+    def __init__(
+        self,
+        ensemble: RoutedEnsemble,
+        pictures: list[Image.Image | None],
+        prompts: Sequence[str],
+    ) -> None:
+        self.ensemble = ensemble
+        self.pictures = pictures
+        self.prompts = list(prompts)
+        self.has_image = [p is not None for p in pictures]
+        self.inputs = ensemble.encode_inputs(pictures, prompts)
+        pixels = self.inputs.get("pixel_values")
+        # LLaVA gives each image one row of pixel_values; models that tile (InternVL) do not,
+        # and their rows are encoded again per unit.
+        self.one_row_per_image = pixels is None or len(pixels) == sum(self.has_image)
+        rows = itertools.accumulate(self.has_image, initial=0)
+        self.image_row = list(rows)[:-1]
+        self.tower_output: Any = None
+        self.handed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def select(self, samples: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The model inputs of ``samples`` (repeats allowed), in that order; padding columns
+        that no selected row needs are dropped."""
+        if not self.one_row_per_image and any(self.has_image[i] for i in samples):
+            batch = self.ensemble.encode_inputs(
+                [self.pictures[i] for i in samples], [self.prompts[i] for i in samples]
             )
-            for sample, row in row_of.items()
+            return dict(batch)
+        device = self.inputs["input_ids"].device
+        index = torch.tensor(list(samples), device=device)
+        mask = self.inputs["attention_mask"][index]
+        first = int(mask.any(dim=0).int().argmax())
+        selected = {
+            "input_ids": self.inputs["input_ids"][index, first:],
+            "attention_mask": mask[:, first:],
         }
+        image_rows = [self.image_row[i] for i in samples if self.has_image[i]]
+        if image_rows:
+            rows = torch.tensor(image_rows, device=device)
+            pixels = self.inputs["pixel_values"][rows]
+            if self.tower_output is not None:
+                self.handed[id(pixels)] = (pixels, rows)
+            selected["pixel_values"] = pixels
+        return selected
+
+    def handed_output(self, pixels: torch.Tensor) -> Any:
+        """The routing pass's tower output for ``pixels`` if :meth:`select` made them."""
+        entry = self.handed.get(id(pixels))
+        if entry is None or entry[0] is not pixels:
+            return None
+        return _take_rows(self.tower_output, entry[1])
+
+
+def _take_rows(output: Any, rows: torch.Tensor) -> Any:
+    """A vision tower output restricted to ``rows`` (hidden states it did not keep stay None)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor[rows]
+
+    hidden = output.hidden_states
+    return BaseModelOutputWithPooling(
+        last_hidden_state=take(output.last_hidden_state),
+        pooler_output=take(output.pooler_output),
+        hidden_states=None if hidden is None else tuple(take(h) for h in hidden),
+    )
+
+
+# What a vision tower computes: the settings that must agree for two towers to be one model
+# (their weights are compared too).
+_TOWER_SETTINGS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
+
+
+class _SharedTower:
+    """The router's encoder is the experts' own CLIP vision tower: one pass serves both.
+
+    It holds when the plan's encoder is a Hugging Face CLIP whose vision model has the
+    experts' tower's settings and weights and whose image preprocessing gives the same
+    pixels. The router needs CLIP's image embedding, ``visual_projection(pooler_output)``
+    (the pooled output is the post-layernorm CLS token of the last layer); LLaVA needs
+    ``hidden_states[vision_feature_layer]`` of the same pass. So the pass runs the tower as
+    LLaVA runs it, the router projects its pooled output (a ``D x H`` matmul), and while the
+    experts generate, their towers hand that output back instead of running again.
+    """
+
+    def __init__(self, towers: list[nn.Module], projection: nn.Module, feature_layer: Any) -> None:
+        self.towers = towers
+        self.projection = projection
+        self.feature_layer = feature_layer
+
+    @classmethod
+    def find(
+        cls, feature_model: Any, experts: _Experts, processor: Any, manifest: EnsembleManifest
+    ) -> _SharedTower | None:
+        """The shared tower, or None when the router's encoder is another model."""
+        clip = getattr(feature_model, "clip", None)
+        if clip is None or manifest.architecture != "llava":
+            return None
+        towers = experts.vision_towers()
+        vision = clip.vision_model  # a CLIPVisionModel, the class of LLaVA's vision tower
+        reference = vision.state_dict()
+        for tower in towers:
+            if type(tower) is not type(vision) or any(
+                getattr(tower.config, name, None) != getattr(vision.config, name)
+                for name in _TOWER_SETTINGS
+            ):
+                return None
+            weights = tower.state_dict()
+            if weights.keys() != reference.keys() or not all(
+                weights[n].dtype == reference[n].dtype
+                and weights[n].shape == reference[n].shape
+                and torch.equal(weights[n], reference[n].to(weights[n].device))
+                for n in weights
+            ):
+                return None
+        probe = Image.radial_gradient("L").convert("RGB").resize((97, 61))
+        ours = processor.image_processor(images=[probe], return_tensors="pt")["pixel_values"]
+        theirs = feature_model.pixels([probe]).cpu()
+        if ours.shape != theirs.shape or not torch.equal(ours.float(), theirs.float()):
+            return None
+        layers = {json.dumps(_config_of(e).vision_feature_layer) for e in experts.engines()}
+        if not towers or len(layers) != 1:
+            return None
+        return cls(towers, clip.visual_projection, json.loads(layers.pop()))
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Unit-norm router features and the tower's output (as LLaVA asks for it)."""
+        with torch.inference_mode():
+            output = self.towers[0](
+                pixels, output_hidden_states=self.feature_layer, return_dict=True
+            )
+            weight = self.projection.weight
+            pooled = output.pooler_output.to(weight.device, weight.dtype)
+            features = self.projection(pooled).float()
+        return torch.nn.functional.normalize(features, dim=-1), output
+
+    @contextlib.contextmanager
+    def handing(self, batch: _Batch) -> Iterator[None]:
+        """Makes every expert tower return ``batch``'s routing pass for pixels it selected."""
+
+        def forward_of(tower: nn.Module) -> Callable[..., Any]:
+            real = type(tower).forward
+
+            def forward(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                handed = None
+                if not args and kwargs.get("output_hidden_states") == self.feature_layer:
+                    handed = batch.handed_output(pixel_values)
+                if handed is None:
+                    return real(tower, pixel_values, *args, **kwargs)
+                return handed
+
+            return forward
+
+        for tower in self.towers:
+            tower.forward = forward_of(tower)
+        try:
+            yield
+        finally:
+            for tower in self.towers:
+                del tower.forward
+
+
+def _config_of(model: nn.Module) -> Any:
+    return model.config
 
 
 @dataclass(frozen=True)
@@ -581,8 +1038,8 @@ class _Sampling:
     temperature: float
     seed: int | None
 
-    def generator(self) -> torch.Generator:
-        generator = torch.Generator()
+    def generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
         if self.seed is not None:
             generator.manual_seed(self.seed)
         else:
@@ -602,26 +1059,32 @@ def _rng_devices(device: torch.device) -> list[int]:
 
 @dataclass
 class _ExpertState:
-    """One expert's KV cache and attention mask over the samples routed to it."""
+    """One unit's KV cache and attention mask over its rows."""
 
     past: Any
     attention_mask: torch.Tensor
     last_position: torch.Tensor
 
     @classmethod
-    def prefill(cls, model: nn.Module, inputs: Any) -> tuple[_ExpertState, torch.Tensor]:
+    def prefill(
+        cls, unit: _Unit, inputs: dict[str, torch.Tensor], all_logits: bool
+    ) -> tuple[_ExpertState, torch.Tensor]:
         mask = inputs["attention_mask"]
         # As transformers' generate does for left-padded batches: positions count real tokens.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        output = model(**inputs, position_ids=positions, use_cache=True)
+        keep = 0 if all_logits else 1  # the prompt's likelihood needs every position
+        output = unit(
+            "__call__", **inputs, position_ids=positions, use_cache=True, logits_to_keep=keep
+        )
         return cls(output.past_key_values, mask, positions[:, -1:]), output.logits
 
-    def step(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, unit: _Unit, tokens: torch.Tensor) -> torch.Tensor:
         self.attention_mask = torch.cat(
             [self.attention_mask, self.attention_mask.new_ones((len(tokens), 1))], dim=-1
         )
         self.last_position = self.last_position + 1
-        output = model(
+        output = unit(
+            "__call__",
             input_ids=tokens[:, None],
             attention_mask=self.attention_mask,
             position_ids=self.last_position,
@@ -629,7 +1092,8 @@ class _ExpertState:
             use_cache=True,
         )
         self.past = output.past_key_values
-        return output.logits[:, -1]
+        logits: torch.Tensor = output.logits[:, -1]
+        return logits
 
 
 def _sequence_log_likelihood(logits: torch.Tensor, inputs: Any) -> torch.Tensor:

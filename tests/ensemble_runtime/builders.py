@@ -72,13 +72,65 @@ def tiny_settings(init_seed: int, size: dict[str, int] | None = None) -> Any:
     return settings.model_copy(update={"init_seed": init_seed, "tiny": tiny})
 
 
-def save_expert(directory: Path, init_seed: int, size: dict[str, int] | None = None) -> None:
-    """A tiny LLaVA expert with its processor, as ``save_pretrained`` writes it."""
+def save_expert(
+    directory: Path,
+    init_seed: int,
+    size: dict[str, int] | None = None,
+    vision_tower: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """A tiny LLaVA expert with its processor, as ``save_pretrained`` writes it.
+
+    ``vision_tower``: a state dict for its CLIP vision tower (experts fine-tuned from one base
+    with the tower frozen, as LLaVA trains, all have the base's tower).
+    """
     settings = tiny_settings(init_seed, size)
     processor = load_processor(settings, None)
-    model = load_model(settings, None, processor)
-    model.save_pretrained(directory)  # type: ignore[operator]
+    model: Any = load_model(settings, None, processor)
+    if vision_tower is not None:
+        model.model.vision_tower.load_state_dict(vision_tower)
+    model.save_pretrained(directory)
     processor.save_pretrained(directory)
+
+
+def base_vision_tower(size: dict[str, int] | None = None, seed: int = 7) -> dict[str, torch.Tensor]:
+    """The CLIP vision tower of a tiny LLaVA base (``seed``): what every expert keeps frozen."""
+    settings = tiny_settings(seed, size)
+    model: Any = load_model(settings, None, load_processor(settings, None))
+    tower: dict[str, torch.Tensor] = model.model.vision_tower.state_dict()
+    return tower
+
+
+def save_clip_router(directory: Path, expert: Path, projection_seed: int = 5) -> dict[str, Any]:
+    """A Hugging Face ``CLIPModel`` folder whose vision model is ``expert``'s own vision tower
+    (config, weights and image preprocessing), with a seeded random ``visual_projection`` and
+    a tiny text tower: the plan's feature model when partitioning used the experts' CLIP.
+    Returns the manifest's ``router.encoder`` (without ``files``)."""
+    from transformers import AutoProcessor, CLIPConfig, CLIPModel, LlavaForConditionalGeneration
+
+    llava: Any = LlavaForConditionalGeneration.from_pretrained(expert)
+    vision = llava.config.vision_config.to_dict()
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    text |= {"num_attention_heads": 2, "vocab_size": 64, "max_position_embeddings": 16}
+    text |= {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(projection_seed)
+        clip = CLIPModel(config).eval()
+    clip.vision_model.load_state_dict(llava.model.vision_tower.state_dict())
+    clip.save_pretrained(directory)
+    AutoProcessor.from_pretrained(expert).image_processor.save_pretrained(directory)
+    side = int(vision["image_size"])
+    return {
+        "backend": "hf",
+        "model": "tiny-llava-clip",
+        "config_file": None,
+        "weights_file": None,
+        "init_seed": None,
+        "directory": "router/encoder",
+        "dim": 32,
+        "image_size": side,
+        "identity": {"backend": "hf", "model": "tiny-llava-clip"},
+    }
 
 
 def save_lora_expert(base: Path, directory: Path, seed: int) -> None:
@@ -114,39 +166,64 @@ def build_ensemble(
     scratch: Path | None = None,
     lora: bool = False,
     size: dict[str, int] | None = None,
+    shared_encoder: bool = False,
 ) -> Path:
     """Writes an ensemble directory at ``root`` and returns it.
 
     Expert k is a tiny LLaVA initialised with ``seeds[k]`` (with ``lora``: a LoRA adapter
     seeded so, over one base); centroid 0 is the mean feature of the red squares, centroid 1
     of the blue circles (more experts reuse them in turn). ``size`` overrides the tiny
-    model's dimensions (the benchmark's "small" model).
+    model's dimensions (the benchmark's "small" model). The router is the plan's tiny
+    open_clip model; with ``shared_encoder``, every expert keeps one base's vision tower and
+    the router is a Hugging Face CLIP built on that same tower (:func:`save_clip_router`).
     """
     root.mkdir(parents=True)
+    tower = base_vision_tower(size) if shared_encoder else None
     if lora:
         save_expert(root / "base", 7, size)
     for index, seed in enumerate(seeds):
         if lora:
             save_lora_expert(root / "base", root / expert_path(index), seed)
         else:
-            save_expert(root / expert_path(index), seed, size)
+            save_expert(root / expert_path(index), seed, size, vision_tower=tower)
     encoder_dir = root / "router" / "encoder"
     encoder_dir.mkdir(parents=True)
-    shutil.copy(CLIP_CONFIG, encoder_dir / CLIP_CONFIG.name)
-    # The plan's own encoder computes the centroids, so the runtime must agree with it.
-    encoder = load_encoder("open_clip:atoll-tiny-clip", device="cpu")
     files = write_pictures(scratch or root.parent / "pictures")
+    if shared_encoder:
+        spec = save_clip_router(encoder_dir, root / expert_path(0))
+        encode = _runtime_encoder(root, spec)
+        identity = spec["identity"]
+    else:
+        shutil.copy(CLIP_CONFIG, encoder_dir / CLIP_CONFIG.name)
+        # The plan's own encoder computes the centroids, so the runtime must agree with it.
+        encoder = load_encoder("open_clip:atoll-tiny-clip", device="cpu")
+        encode, identity, spec = encoder.encode, encoder.identity, None
     centroids = []
     for kind in KINDS:
-        features, failures = encoder.encode(files[kind])
+        features, failures = encode(files[kind])
         assert not failures
         mean = features.mean(axis=0)
         centroids.append(mean / np.linalg.norm(mean))
     matrix = torch.from_numpy(np.stack([centroids[k % 2] for k in range(len(seeds))]))
     save_file({"centroids": matrix.contiguous()}, str(root / "router" / "centroids.safetensors"))
     (root / "README.md").write_text("# tiny test ensemble\n")
-    write_manifest(root, tau=tau, top_k=top_k, text_only=text_only, identity=encoder.identity)
+    router = {"tau": tau, "top_k": top_k, "text_only": text_only, "identity": identity}
+    write_manifest(root, encoder=spec, **router)
     return root
+
+
+def _runtime_encoder(root: Path, spec: dict[str, Any]) -> Any:
+    """``encode(files) -> (features, failures)`` with the runtime's loader of ``spec``."""
+    from ensemble.router import load_feature_model
+    from protocol.ensemble_manifest import EncoderSpec
+
+    model = load_feature_model(EncoderSpec(**spec), root, device="cpu")
+
+    def encode(paths: list[Path]) -> tuple[np.ndarray, list[Path]]:
+        features = model.encode_images([Image.open(path) for path in paths])
+        return features.numpy(), []
+
+    return encode
 
 
 def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
@@ -157,8 +234,9 @@ def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
     centroids = root / "router" / "centroids.safetensors"
     config = f"router/encoder/{CLIP_CONFIG.name}"
     identity = overrides.pop("identity", {"backend": "open_clip", "model": "atoll-tiny-clip"})
-    router = {
-        "encoder": {
+    encoder = overrides.pop("encoder", None)
+    if encoder is None:
+        encoder = {
             "backend": "open_clip",
             "model": "atoll-tiny-clip",
             "config_file": config,
@@ -166,8 +244,13 @@ def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
             "init_seed": 0,
             "dim": 32,
             "image_size": 32,
+        }
+    files = digests(root / "router" / "encoder")
+    router = {
+        "encoder": encoder
+        | {
             "identity": identity,
-            "files": {config: digests(root / "router" / "encoder")[CLIP_CONFIG.name]},
+            "files": {f"router/encoder/{name}": digest for name, digest in files.items()},
         },
         "centroids": {
             "path": "router/centroids.safetensors",

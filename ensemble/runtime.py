@@ -4,9 +4,9 @@
 :mod:`protocol.ensemble_manifest`), verifies every file it lists, loads the router and the present
 experts; :meth:`RoutedEnsemble.generate` answers a batch of prompts:
 
-* **top-1** (the paper's setting): the batch is grouped by chosen expert and each group runs
-  through that expert's own ``generate`` as one batch, so a routed batch costs what one dense
-  model costs and the answer is the expert's answer, token for token.
+* **top-1** (the paper's setting): the batch is grouped by chosen expert and runs as one
+  batched ``generate`` in which each row uses its expert's weights; the answer is the
+  expert's own answer, token for token.
 * **top-k > 1**: the chosen experts step in lock-step, each with its own KV cache, over the
   samples routed to it; the next token comes from the mixture
   ``log p(x) = logsumexp_k(log w_k + log p_k(x))``, greedily or sampled.
@@ -16,7 +16,18 @@ experts; :meth:`RoutedEnsemble.generate` answers a batch of prompts:
   (the prompt's own tokens included); it mixes the top-k of the current posterior, so
   ``top_k = K`` gives the exact mixture of the theory.
 
-LoRA experts over one base keep one base model in memory and switch peft adapters per group.
+What keeps a routed batch at the cost of a dense one:
+
+* **one model call per step**, not one per expert: full experts of one architecture are
+  stacked (:class:`_StackedExperts`: expert 0's module tree whose differing submodules send
+  each stretch of rows to that expert's own weights); LoRA experts over one base are one
+  peft model with the adapter chosen per row (``adapter_names``). Experts that differ in more
+  than their weights run one call each.
+* **the batch is encoded once** (chat template, tokens, pixels); each call takes its rows.
+* **a shared tower**: when the router's encoder is a Hugging Face CLIP whose vision model is
+  the LLaVA experts' own tower (same settings, weights and preprocessing), one tower pass
+  per batch gives the routing features (its projected pooled output) and the experts' image
+  features (its hidden layer), which their towers hand back instead of running again.
 
 Example::
 

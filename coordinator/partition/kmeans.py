@@ -81,8 +81,9 @@ _NEWTON_MIN_POINTS = 4096
 # A Newton step moves no price by more than this many bandwidths (the density model is local).
 _NEWTON_REACH = 32
 _NEWTON_HALVINGS = 2
-# A Newton step that leaves more than this fraction of the excess is the last one.
-_NEWTON_PROGRESS = 0.5
+# A Newton step that settles fewer than K / 2 points is the last one: a step reads all N x K
+# similarities, and past that point shortest paths (one per point) are cheaper.
+_NEWTON_MIN_GAIN = 0.5
 
 Progress = Callable[[int, float], None]
 """Called after each Lloyd iteration with (iteration, objective)."""
@@ -171,18 +172,18 @@ def _newton_prices(
     prices: np.ndarray,
     target: float,
     max_steps: int = 8,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Moves prices toward exact balance with Newton steps on the K-dimensional dual.
 
     With many points, cluster loads are nearly smooth functions of the prices: raising
     ``p_k - p_l`` by ``d`` moves about ``d * density`` points from k to l, where the density of
     points on the k|l boundary is estimated from those with a margin below ``h``. Those
     densities form a graph Laplacian ``L`` and ``L @ step = excess`` is the Newton step. A few
-    full passes bring the total excess from thousands to a handful, which the auction and
-    shortest paths then settle exactly; a step that does not reduce the excess is halved.
+    steps bring the total excess from thousands to a few hundred, which shortest paths then
+    settle exactly; a step that does not reduce the excess is halved.
 
     Returns:
-        ``(prices, labels, margins)`` with labels and margins under the returned prices.
+        ``(prices, labels)`` with every row in its best cluster under the returned prices.
     """
     n, k = similarity.shape
     labels, margins, runner_up = _priced_argmax(similarity, prices)
@@ -194,8 +195,8 @@ def _newton_prices(
         # The bandwidth h: wide enough for a stable density estimate (5 % of the points, and
         # several times the points that must move), narrow enough to describe the boundaries
         # near the current prices.
-        near = min(n - 1, max(4 * int(total), n // 20, 16 * k))
-        h = float(np.partition(margins, near)[near])
+        count = min(n - 1, max(4 * int(total), n // 20, 16 * k))
+        h = float(np.partition(margins, count)[count])
         if not h > 0:
             break
         boundary = margins < h
@@ -220,8 +221,9 @@ def _newton_prices(
             t_excess = np.bincount(t_labels, minlength=k) - capacities
             t_total = np.maximum(t_excess, 0).sum()
             if t_total < total:
-                slow = t_total > _NEWTON_PROGRESS * total
-                prices, labels, margins, runner_up = trial, t_labels, t_margins, t_runner
+                slow = total - t_total < max(2, _NEWTON_MIN_GAIN * k)
+                prices = trial
+                labels, margins, runner_up = t_labels, t_margins, t_runner
                 excess, total = t_excess, t_total
                 break
             step = step / 2
@@ -229,7 +231,7 @@ def _newton_prices(
             break
         if slow:  # the density model has stopped paying: shortest paths are cheaper now
             break
-    return prices, labels, margins
+    return prices, labels
 
 
 def _auction(
@@ -262,7 +264,7 @@ def _auction(
     piece_row = np.arange(n, dtype=np.int64)
     piece_mass = np.ones(n, dtype=np.float64) if mass is None else mass.astype(np.float64)
     if unit and n > _NEWTON_MIN_POINTS:
-        prices, _, _ = _newton_prices(similarity, capacities, prices, target=_newton_target(n, k))
+        prices, _ = _newton_prices(similarity, capacities, prices, target=_newton_target(n, k))
     piece_cluster, margins, _ = _priced_argmax(similarity, prices)
     # anchor - price[own cluster] is a lower bound on a piece's margin while prices only rise.
     anchor = margins + prices[piece_cluster]
@@ -539,9 +541,7 @@ def balanced_assignment(
         if excess == 0:
             return labels, prices
     if n > _NEWTON_MIN_POINTS:
-        prices, labels, _ = _newton_prices(
-            similarity, capacities, prices, target=_newton_target(n, k)
-        )
+        prices, labels = _newton_prices(similarity, capacities, prices, target=_newton_target(n, k))
     return kernels.unit_shortest_paths(similarity, capacities, prices, labels)
 
 

@@ -303,6 +303,7 @@ class _StackedExperts:
         self.experts = experts
         self.differing = differing
         self._runs: dict[int, list[tuple[int, int, int]]] = {}
+        self._layouts: dict[int, _BlockLayout | None] = {}
 
     @classmethod
     def build(cls, models: dict[int, nn.Module], architecture: str) -> _StackedExperts | None:
@@ -341,10 +342,15 @@ class _StackedExperts:
         shared = {id(t): t for t in [*first.parameters(), *first.buffers()]}
         model = copy.deepcopy(first, memo=shared)  # new modules, the same tensors
         stacked = cls(model, set(indices), differing)
+        tied = {
+            param.data_ptr()
+            for expert in models.values()
+            for _, param in _repeated_parameters(expert)
+        }
         for name in differing:
             parent, _, child = name.rpartition(".")
             replacement = _PerRowExperts(
-                {i: models[i].get_submodule(name) for i in indices}, stacked
+                tied, {i: models[i].get_submodule(name) for i in indices}, stacked
             )
             setattr(model.get_submodule(parent), child, replacement)
         return stacked
@@ -356,6 +362,7 @@ class _StackedExperts:
         runs = {_total(image_rows): image_rows}
         runs[_total(rows)] = rows  # every row has an image: both are the same
         self._runs = runs
+        self._layouts = {n: _BlockLayout.of(r, sorted(self.experts)) for n, r in runs.items()}
 
     def runs(self, rows: int) -> list[tuple[int, int, int]]:
         try:
@@ -366,32 +373,105 @@ class _StackedExperts:
                 f"{sorted(self._runs)} (rows, image rows)"
             ) from None
 
+    def layout(self, rows: int) -> _BlockLayout | None:
+        return self._layouts.get(rows)
+
+
+@dataclass(frozen=True)
+class _BlockLayout:
+    """Rows laid out as one equal block per expert, so a linear layer of every expert is one
+    ``bmm`` over the stacked weights. Blocks of unequal runs are padded with copies of a row
+    of theirs (``pad``), whose outputs ``unpad`` drops."""
+
+    blocks: int
+    pad: torch.Tensor | None
+    unpad: torch.Tensor | None
+
+    # Padding beyond this share of extra rows costs more than it saves.
+    MAX_PADDING = 0.5
+
+    @classmethod
+    def of(cls, runs: list[tuple[int, int, int]], experts: list[int]) -> _BlockLayout | None:
+        if [expert for expert, _, _ in runs] != experts or len(runs) < 2:
+            return None  # not every expert has rows: their stacked weights do not line up
+        sizes = [end - start for _, start, end in runs]
+        size = max(sizes)
+        if len(runs) * size > (1 + cls.MAX_PADDING) * sum(sizes):
+            return None
+        if len(set(sizes)) == 1:
+            return cls(len(runs), None, None)
+        pad: list[int] = []
+        unpad: list[int] = []
+        for _, start, end in runs:
+            unpad.extend(range(len(pad), len(pad) + end - start))
+            pad.extend(list(range(start, end)) + [start] * (size - (end - start)))
+        return cls(len(runs), torch.tensor(pad), torch.tensor(unpad))
+
+    def linear(
+        self, x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``x @ W_k.T + b_k`` for each row's expert ``k``; ``weights`` is ``(K, in, out)``."""
+        if self.pad is not None:
+            x = x.index_select(0, self.pad.to(x.device))
+        blocks = x.reshape(self.blocks, -1, x.shape[-1])
+        y = torch.bmm(blocks, weights) if bias is None else torch.baddbmm(bias, blocks, weights)
+        y = y.reshape(*x.shape[:-1], weights.shape[-1])
+        if self.unpad is not None:
+            y = y.index_select(0, self.unpad.to(x.device))
+        return y
+
 
 def _total(runs: list[tuple[int, int, int]]) -> int:
     return runs[-1][2] if runs else 0
 
 
 class _PerRowExperts(nn.Module):
-    """Stands in for a submodule whose weights differ between experts: each stretch of rows
-    goes through its own expert's submodule; the outputs are concatenated in row order.
+    """Stands in for a submodule whose weights differ between experts: each row goes through
+    its own expert's submodule.
 
-    It calls the experts' ``forward`` (``F.linear`` for a linear layer) directly: this runs
-    once per layer per decoding step, where ``nn.Module.__call__``'s bookkeeping is a
-    measurable share of a small model's step. The submodules are leaves of a model loaded
-    for inference, with no hooks of their own to skip.
+    A linear layer (most of a transformer's weights, called several times per layer per
+    step) keeps the experts' weights stacked as one ``(K, in, out)`` tensor -- the experts'
+    own ``weight`` becomes a view into it, so nothing is held twice -- and runs as one
+    ``bmm`` over equal blocks of rows (:class:`_BlockLayout`): about the cost of the dense
+    layer, where one call per expert and a concatenation cost two to three times as much on
+    a small model. Other submodules, and batches that do not split into blocks, run each
+    stretch of rows through its expert's ``forward`` and concatenate the outputs.
     """
 
-    def __init__(self, modules: dict[int, nn.Module], stacked: _StackedExperts) -> None:
+    def __init__(
+        self, tied: set[int], modules: dict[int, nn.Module], stacked: _StackedExperts
+    ) -> None:
         super().__init__()
         self.experts = nn.ModuleDict({str(index): module for index, module in modules.items()})
-        self._calls = {index: _direct_call(module) for index, module in modules.items()}
         self._stacked = stacked
+        self._weights: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
+        ordered = [modules[index] for index in sorted(modules)]
+        if all(type(m) is nn.Linear and m.weight.data_ptr() not in tied for m in ordered):
+            self._stack_linear(ordered)
+        self._calls = {index: _direct_call(module) for index, module in modules.items()}
+
+    def _stack_linear(self, linears: list[nn.Module]) -> None:
+        layers: list[Any] = linears
+        weights = torch.stack([m.weight.detach().t() for m in layers]).contiguous()
+        for position, module in enumerate(layers):
+            module.weight = nn.Parameter(weights[position].t(), requires_grad=False)
+        self._weights = weights
+        if all(m.bias is not None for m in layers):
+            self._bias = torch.stack([m.bias.detach()[None] for m in layers]).contiguous()
+        elif any(m.bias is not None for m in layers):
+            self._weights = None  # some with a bias, some without: one call each
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        runs = self._stacked.runs(x.shape[0])
+        rows = x.shape[0]
+        runs = self._stacked.runs(rows)
         calls = self._calls
         if len(runs) == 1:
             return calls[runs[0][0]](x, *args, **kwargs)
+        if self._weights is not None:
+            layout = self._stacked.layout(rows)
+            if layout is not None:
+                return layout.linear(x, self._weights, self._bias)
         return torch.cat([calls[e](x[s:t], *args, **kwargs) for e, s, t in runs])
 
 
@@ -401,6 +481,14 @@ def _direct_call(module: nn.Module) -> Callable[..., torch.Tensor]:
         return lambda x: torch.nn.functional.linear(x, weight, bias)
     forward: Callable[..., torch.Tensor] = module.forward
     return forward
+
+
+def _repeated_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters that more than one module holds (tied embeddings)."""
+    seen: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return [(n, p) for n, p in model.named_parameters() if seen[id(p)] > 1]
 
 
 def _config_key(model: nn.Module) -> str:

@@ -19,15 +19,16 @@ experts; :meth:`RoutedEnsemble.generate` answers a batch of prompts:
 What keeps a routed batch at the cost of a dense one:
 
 * **one model call per step**, not one per expert: full experts of one architecture are
-  stacked (:class:`_StackedExperts`: expert 0's module tree whose differing submodules send
-  each stretch of rows to that expert's own weights); LoRA experts over one base are one
-  peft model with the adapter chosen per row (``adapter_names``). Experts that differ in more
-  than their weights run one call each.
+  stacked (:class:`ensemble.stacked_experts.StackedExperts`: expert 0's module tree whose
+  differing submodules send each stretch of rows to that expert's own weights); LoRA
+  experts over one base are one peft model with the adapter chosen per row
+  (``adapter_names``). Experts that differ in more than their weights run one call each.
 * **the batch is encoded once** (chat template, tokens, pixels); each call takes its rows.
 * **a shared tower**: when the router's encoder is a Hugging Face CLIP whose vision model is
   the LLaVA experts' own tower (same settings, weights and preprocessing), one tower pass
   per batch gives the routing features (its projected pooled output) and the experts' image
-  features (its hidden layer), which their towers hand back instead of running again.
+  features (its hidden layer), which their towers hand back instead of running again
+  (:class:`ensemble.shared_tower.SharedTower`).
 
 Example::
 
@@ -39,11 +40,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
-import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ensemble.router import Router, Routing, load_feature_model, open_image
+from ensemble.shared_tower import SharedTower, take_rows
+from ensemble.stacked_experts import StackedExperts, runs, vision_tower
 from protocol.ensemble_manifest import (
     EnsembleManifest,
     TextOnlyStrategy,
@@ -84,7 +85,13 @@ class RoutedGeneration:
         experts: The experts that were mixed (for ``posterior``: every present expert).
         weights: Their initial weights (the router's, renormalised over ``experts``).
         posteriors: For ``posterior``-routed samples, a ``(steps + 1, K)`` tensor: row 0 is
-            ``p(S_k | prompt)``, row t the posterior after t generated tokens; None otherwise.
+            ``p(S_k | prompt)``, row t the posterior after the t-th chosen token. The chosen
+            tokens include the end-of-sequence token, which ``token_ids`` leaves out, so a
+            sample that ends there has ``len(token_ids) + 2`` rows (the last one after that
+            token); one cut off by ``max_new_tokens`` has ``len(token_ids) + 1``. The
+            posterior-routed samples of one call decode together: ``steps`` is the most any
+            of them took, and a sample that ended sooner repeats its last row to the end.
+            None for other samples.
     """
 
     texts: list[str]
@@ -138,15 +145,15 @@ class _Experts:
 
     :meth:`units` is how a batch runs: rows grouped by expert become as few model calls as the
     experts allow -- one call for LoRA adapters over one base (peft picks each row's adapter)
-    and for full experts of one architecture (:class:`_StackedExperts`), one call per expert
-    otherwise.
+    and for full experts of one architecture
+    (:class:`~ensemble.stacked_experts.StackedExperts`), one call per expert otherwise.
     """
 
     def __init__(
         self,
         models: dict[int, nn.Module],
         adapters: nn.Module | None,
-        stacked: _StackedExperts | None = None,
+        stacked: StackedExperts | None = None,
     ) -> None:
         self._models = models
         self._adapters = adapters
@@ -188,7 +195,7 @@ class _Experts:
                 models[expert.index] = adapters
         stacked = None
         if len(full) > 1 and not lora:
-            stacked = _StackedExperts.build(
+            stacked = StackedExperts.build(
                 {e.index: models[e.index] for e in full}, manifest.architecture
             )
         return cls(models, adapters, stacked)
@@ -211,7 +218,7 @@ class _Experts:
         """Every distinct vision tower a unit can run (empty for text-only experts)."""
         towers: dict[int, nn.Module] = {}
         for engine in self.engines():
-            tower = _vision_tower(engine)
+            tower = vision_tower(engine)
             if tower is not None:
                 towers[id(tower)] = tower
         return list(towers.values())
@@ -223,18 +230,20 @@ class _Experts:
             row_experts: Each row's expert; rows of one expert must be adjacent.
             image_rows: Whether each row has an image (its ``pixel_values`` row).
         """
-        runs = _runs(row_experts)
-        if len({expert for expert, _, _ in runs}) != len(runs):
+        row_runs = runs(row_experts)
+        if len({expert for expert, _, _ in row_runs}) != len(row_runs):
             raise ValueError(f"rows must be grouped by expert, got {list(row_experts)}")
-        everyone = {expert for expert, _, _ in runs}
+        everyone = {expert for expert, _, _ in row_runs}
         images = [e for e, has in zip(row_experts, image_rows, strict=True) if has]
         if self._adapters is not None and all(self._models[e] is self._adapters for e in everyone):
             names = [_adapter(e) for e in row_experts]
             return [_Unit(self._adapters, 0, len(row_experts), {"adapter_names": names})]
-        if self.stacked is not None and everyone <= self.stacked.experts and len(runs) > 1:
-            return [_Unit(self.stacked.model, 0, len(row_experts), {}, self.stacked, runs, images)]
+        if self.stacked is not None and everyone <= self.stacked.experts and len(row_runs) > 1:
+            return [
+                _Unit(self.stacked.model, 0, len(row_experts), {}, self.stacked, row_runs, images)
+            ]
         units = []
-        for expert, start, end in runs:
+        for expert, start, end in row_runs:
             model = self._models[expert]
             kwargs: dict[str, Any] = {}
             if model is self._adapters:
@@ -256,272 +265,15 @@ class _Unit:
     start: int
     end: int
     kwargs: dict[str, Any]
-    stacked: _StackedExperts | None = None
+    stacked: StackedExperts | None = None
     runs: list[tuple[int, int, int]] = field(default_factory=list)
     image_experts: list[int] = field(default_factory=list)
 
     def __call__(self, method: str, /, **inputs: Any) -> Any:
         """``model.<method>(**inputs)``, with this unit's rows assigned to their experts."""
         if self.stacked is not None:
-            self.stacked.assign(self.runs, _runs(self.image_experts))
+            self.stacked.assign(self.runs, runs(self.image_experts))
         return getattr(self.model, method)(**inputs, **self.kwargs)
-
-
-def _runs(experts: Sequence[int]) -> list[tuple[int, int, int]]:
-    """``(expert, start, end)`` for each stretch of adjacent rows of one expert."""
-    runs: list[list[int]] = []
-    for row, expert in enumerate(experts):
-        if runs and runs[-1][0] == expert:
-            runs[-1][2] = row + 1
-        else:
-            runs.append([expert, row, row + 1])
-    return [(expert, start, end) for expert, start, end in runs]
-
-
-# Config keys that name or date a checkpoint without changing what it computes.
-_BOOKKEEPING_KEYS = frozenset(
-    {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
-)
-
-
-class _StackedExperts:
-    """Full experts of one architecture as one model: a batch whose rows are grouped by
-    expert runs as one forward pass, each row through its own expert's weights.
-
-    Experts fine-tuned from one base differ only in their weights, so the model is expert
-    0's module tree in which every submodule whose own weights differ between experts (the
-    trained language model; not a frozen vision tower) is replaced by a
-    :class:`_PerRowExperts` that sends each stretch of rows to that expert's own submodule.
-    Nothing is copied: the submodules are the experts' own. One forward pass per decoding
-    step instead of one per expert is what makes a routed batch cost what a dense one costs
-    when per-call overhead, not arithmetic, dominates (small models, small batches); the
-    arithmetic is the same either way.
-    """
-
-    def __init__(self, model: nn.Module, experts: set[int], differing: list[str]) -> None:
-        self.model = model
-        self.experts = experts
-        self.differing = differing
-        self._runs: dict[int, list[tuple[int, int, int]]] = {}
-        self._layouts: dict[int, _BlockLayout | None] = {}
-
-    @classmethod
-    def build(cls, models: dict[int, nn.Module], architecture: str) -> _StackedExperts | None:
-        """The stacked model, or None when the experts differ in more than their weights."""
-        indices = sorted(models)
-        first = models[indices[0]]
-        if any(_config_key(models[i]) != _config_key(first) for i in indices[1:]):
-            return None
-        differing: list[str] = []
-        for name, module in first.named_modules():
-            if any(name.startswith(prefix + ".") for prefix in differing):
-                continue
-            try:
-                others = [models[i].get_submodule(name) for i in indices[1:]]
-            except AttributeError:
-                return None
-            own = _direct_tensors(module)
-            for other in others:
-                theirs = _direct_tensors(other)
-                if type(other) is not type(module) or not _same_layout(own, theirs):
-                    return None
-            if any(not _same_values(own, _direct_tensors(other)) for other in others):
-                differing.append(name)
-        if "" in differing:
-            return None
-        tower = _vision_tower(first)
-        tower_name = next((n for n, m in first.named_modules() if m is tower), None)
-        if (
-            tower_name is not None
-            and architecture != "llava"
-            and any(n == tower_name or n.startswith(tower_name + ".") for n in differing)
-        ):
-            # Only LLaVA gives each image exactly one row of pixel_values (no tiles), which is
-            # what lets a vision tower of its own run per row.
-            return None
-        shared = {id(t): t for t in [*first.parameters(), *first.buffers()]}
-        model = copy.deepcopy(first, memo=shared)  # new modules, the same tensors
-        stacked = cls(model, set(indices), differing)
-        tied = {
-            param.data_ptr()
-            for expert in models.values()
-            for _, param in _repeated_parameters(expert)
-        }
-        for name in differing:
-            parent, _, child = name.rpartition(".")
-            replacement = _PerRowExperts(
-                tied, {i: models[i].get_submodule(name) for i in indices}, stacked
-            )
-            setattr(model.get_submodule(parent), child, replacement)
-        return stacked
-
-    def assign(
-        self, rows: list[tuple[int, int, int]], image_rows: list[tuple[int, int, int]]
-    ) -> None:
-        """Sets the experts of the next forward pass's rows (and of its images' rows)."""
-        runs = {_total(image_rows): image_rows}
-        runs[_total(rows)] = rows  # every row has an image: both are the same
-        self._runs = runs
-        self._layouts = {n: _BlockLayout.of(r, sorted(self.experts)) for n, r in runs.items()}
-
-    def runs(self, rows: int) -> list[tuple[int, int, int]]:
-        try:
-            return self._runs[rows]
-        except KeyError:
-            raise RuntimeError(
-                f"stacked experts: a tensor of {rows} rows, but the batch has "
-                f"{sorted(self._runs)} (rows, image rows)"
-            ) from None
-
-    def layout(self, rows: int) -> _BlockLayout | None:
-        return self._layouts.get(rows)
-
-
-@dataclass(frozen=True)
-class _BlockLayout:
-    """Rows laid out as one equal block per expert, so a linear layer of every expert is one
-    ``bmm`` over the stacked weights. Blocks of unequal runs are padded with copies of a row
-    of theirs (``pad``), whose outputs ``unpad`` drops."""
-
-    blocks: int
-    pad: torch.Tensor | None
-    unpad: torch.Tensor | None
-
-    # Padding beyond this share of extra rows costs more than it saves.
-    MAX_PADDING = 0.5
-
-    @classmethod
-    def of(cls, runs: list[tuple[int, int, int]], experts: list[int]) -> _BlockLayout | None:
-        if [expert for expert, _, _ in runs] != experts or len(runs) < 2:
-            return None  # not every expert has rows: their stacked weights do not line up
-        sizes = [end - start for _, start, end in runs]
-        size = max(sizes)
-        if len(runs) * size > (1 + cls.MAX_PADDING) * sum(sizes):
-            return None
-        if len(set(sizes)) == 1:
-            return cls(len(runs), None, None)
-        pad: list[int] = []
-        unpad: list[int] = []
-        for _, start, end in runs:
-            unpad.extend(range(len(pad), len(pad) + end - start))
-            pad.extend(list(range(start, end)) + [start] * (size - (end - start)))
-        return cls(len(runs), torch.tensor(pad), torch.tensor(unpad))
-
-    def linear(
-        self, x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``x @ W_k.T + b_k`` for each row's expert ``k``; ``weights`` is ``(K, in, out)``."""
-        if self.pad is not None:
-            x = x.index_select(0, self.pad.to(x.device))
-        blocks = x.reshape(self.blocks, -1, x.shape[-1])
-        y = torch.bmm(blocks, weights) if bias is None else torch.baddbmm(bias, blocks, weights)
-        y = y.reshape(*x.shape[:-1], weights.shape[-1])
-        if self.unpad is not None:
-            y = y.index_select(0, self.unpad.to(x.device))
-        return y
-
-
-def _total(runs: list[tuple[int, int, int]]) -> int:
-    return runs[-1][2] if runs else 0
-
-
-class _PerRowExperts(nn.Module):
-    """Stands in for a submodule whose weights differ between experts: each row goes through
-    its own expert's submodule.
-
-    A linear layer (most of a transformer's weights, called several times per layer per
-    step) keeps the experts' weights stacked as one ``(K, in, out)`` tensor -- the experts'
-    own ``weight`` becomes a view into it, so nothing is held twice -- and runs as one
-    ``bmm`` over equal blocks of rows (:class:`_BlockLayout`): about the cost of the dense
-    layer, where one call per expert and a concatenation cost two to three times as much on
-    a small model. Other submodules, and batches that do not split into blocks, run each
-    stretch of rows through its expert's ``forward`` and concatenate the outputs.
-    """
-
-    def __init__(
-        self, tied: set[int], modules: dict[int, nn.Module], stacked: _StackedExperts
-    ) -> None:
-        super().__init__()
-        self.experts = nn.ModuleDict({str(index): module for index, module in modules.items()})
-        self._stacked = stacked
-        self._weights: torch.Tensor | None = None
-        self._bias: torch.Tensor | None = None
-        ordered = [modules[index] for index in sorted(modules)]
-        if all(type(m) is nn.Linear and m.weight.data_ptr() not in tied for m in ordered):
-            self._stack_linear(ordered)
-        self._calls = {index: _direct_call(module) for index, module in modules.items()}
-
-    def _stack_linear(self, linears: list[nn.Module]) -> None:
-        layers: list[Any] = linears
-        weights = torch.stack([m.weight.detach().t() for m in layers]).contiguous()
-        for position, module in enumerate(layers):
-            module.weight = nn.Parameter(weights[position].t(), requires_grad=False)
-        self._weights = weights
-        if all(m.bias is not None for m in layers):
-            self._bias = torch.stack([m.bias.detach()[None] for m in layers]).contiguous()
-        elif any(m.bias is not None for m in layers):
-            self._weights = None  # some with a bias, some without: one call each
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows = x.shape[0]
-        runs = self._stacked.runs(rows)
-        calls = self._calls
-        if len(runs) == 1:
-            return calls[runs[0][0]](x, *args, **kwargs)
-        if self._weights is not None:
-            layout = self._stacked.layout(rows)
-            if layout is not None:
-                return layout.linear(x, self._weights, self._bias)
-        return torch.cat([calls[e](x[s:t], *args, **kwargs) for e, s, t in runs])
-
-
-def _direct_call(module: nn.Module) -> Callable[..., torch.Tensor]:
-    if type(module) is nn.Linear:
-        weight, bias = module.weight, module.bias
-        return lambda x: torch.nn.functional.linear(x, weight, bias)
-    forward: Callable[..., torch.Tensor] = module.forward
-    return forward
-
-
-def _repeated_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Parameters that more than one module holds (tied embeddings)."""
-    seen: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        seen[id(param)] = seen.get(id(param), 0) + 1
-    return [(n, p) for n, p in model.named_parameters() if seen[id(p)] > 1]
-
-
-def _config_key(model: nn.Module) -> str:
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in _BOOKKEEPING_KEYS}
-        return value
-
-    config: Any = model.config
-    return json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
-
-
-def _direct_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=False))
-    tensors.update(module.named_buffers(recurse=False))
-    return tensors
-
-
-def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[n].shape == b[n].shape and a[n].dtype == b[n].dtype for n in a
-    )
-
-
-def _same_values(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return all(a[n] is b[n] or torch.equal(a[n], b[n]) for n in a)
-
-
-def _vision_tower(model: nn.Module) -> nn.Module | None:
-    for name, module in model.named_modules():
-        if name.rpartition(".")[2] == "vision_tower":
-            return module
-    return None
 
 
 def _adapter(index: int) -> str:
@@ -562,7 +314,7 @@ class RoutedEnsemble:
         self.tokenizer.padding_side = "left"
         self.device = device
         self.log_priors = torch.tensor(manifest.router.cluster_priors).log()
-        self.shared_tower = _SharedTower.find(feature_model, experts, processor, manifest)
+        self.shared_tower = SharedTower.find(feature_model, experts, processor, manifest)
         if self.shared_tower is not None:
             log.info("[RoutedEnsemble] the router shares the experts' CLIP vision tower")
 
@@ -1005,130 +757,7 @@ class _Batch:
         entry = self.handed.get(id(pixels))
         if entry is None or entry[0] is not pixels:
             return None
-        return _take_rows(self.tower_output, entry[1])
-
-
-def _take_rows(output: Any, rows: torch.Tensor) -> Any:
-    """A vision tower output restricted to ``rows`` (hidden states it did not keep stay None)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor[rows]
-
-    hidden = output.hidden_states
-    return BaseModelOutputWithPooling(
-        last_hidden_state=take(output.last_hidden_state),
-        pooler_output=take(output.pooler_output),
-        hidden_states=None if hidden is None else tuple(take(h) for h in hidden),
-    )
-
-
-# What a vision tower computes: the settings that must agree for two towers to be one model
-# (their weights are compared too).
-_TOWER_SETTINGS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_channels",
-    "image_size",
-    "patch_size",
-    "hidden_act",
-    "layer_norm_eps",
-)
-
-
-class _SharedTower:
-    """The router's encoder is the experts' own CLIP vision tower: one pass serves both.
-
-    It holds when the plan's encoder is a Hugging Face CLIP whose vision model has the
-    experts' tower's settings and weights and whose image preprocessing gives the same
-    pixels. The router needs CLIP's image embedding, ``visual_projection(pooler_output)``
-    (the pooled output is the post-layernorm CLS token of the last layer); LLaVA needs
-    ``hidden_states[vision_feature_layer]`` of the same pass. So the pass runs the tower as
-    LLaVA runs it, the router projects its pooled output (a ``D x H`` matmul), and while the
-    experts generate, their towers hand that output back instead of running again.
-    """
-
-    def __init__(self, towers: list[nn.Module], projection: nn.Module, feature_layer: Any) -> None:
-        self.towers = towers
-        self.projection = projection
-        self.feature_layer = feature_layer
-
-    @classmethod
-    def find(
-        cls, feature_model: Any, experts: _Experts, processor: Any, manifest: EnsembleManifest
-    ) -> _SharedTower | None:
-        """The shared tower, or None when the router's encoder is another model."""
-        clip = getattr(feature_model, "clip", None)
-        if clip is None or manifest.architecture != "llava":
-            return None
-        towers = experts.vision_towers()
-        vision = clip.vision_model  # a CLIPVisionModel, the class of LLaVA's vision tower
-        reference = vision.state_dict()
-        for tower in towers:
-            if type(tower) is not type(vision) or any(
-                getattr(tower.config, name, None) != getattr(vision.config, name)
-                for name in _TOWER_SETTINGS
-            ):
-                return None
-            weights = tower.state_dict()
-            if weights.keys() != reference.keys() or not all(
-                weights[n].dtype == reference[n].dtype
-                and weights[n].shape == reference[n].shape
-                and torch.equal(weights[n], reference[n].to(weights[n].device))
-                for n in weights
-            ):
-                return None
-        probe = Image.radial_gradient("L").convert("RGB").resize((97, 61))
-        ours = processor.image_processor(images=[probe], return_tensors="pt")["pixel_values"]
-        theirs = feature_model.pixels([probe]).cpu()
-        if ours.shape != theirs.shape or not torch.equal(ours.float(), theirs.float()):
-            return None
-        layers = {json.dumps(_config_of(e).vision_feature_layer) for e in experts.engines()}
-        if not towers or len(layers) != 1:
-            return None
-        return cls(towers, clip.visual_projection, json.loads(layers.pop()))
-
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Unit-norm router features and the tower's output (as LLaVA asks for it)."""
-        with torch.inference_mode():
-            output = self.towers[0](
-                pixels, output_hidden_states=self.feature_layer, return_dict=True
-            )
-            weight = self.projection.weight
-            pooled = output.pooler_output.to(weight.device, weight.dtype)
-            features = self.projection(pooled).float()
-        return torch.nn.functional.normalize(features, dim=-1), output
-
-    @contextlib.contextmanager
-    def handing(self, batch: _Batch) -> Iterator[None]:
-        """Makes every expert tower return ``batch``'s routing pass for pixels it selected."""
-
-        def forward_of(tower: nn.Module) -> Callable[..., Any]:
-            real = type(tower).forward
-
-            def forward(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-                handed = None
-                if not args and kwargs.get("output_hidden_states") == self.feature_layer:
-                    handed = batch.handed_output(pixel_values)
-                if handed is None:
-                    return real(tower, pixel_values, *args, **kwargs)
-                return handed
-
-            return forward
-
-        for tower in self.towers:
-            tower.forward = forward_of(tower)
-        try:
-            yield
-        finally:
-            for tower in self.towers:
-                del tower.forward
-
-
-def _config_of(model: nn.Module) -> Any:
-    return model.config
+        return take_rows(self.tower_output, entry[1])
 
 
 @dataclass(frozen=True)

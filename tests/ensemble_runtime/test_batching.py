@@ -108,15 +108,15 @@ def test_rows_of_one_expert_must_be_adjacent(ensemble: RoutedEnsemble) -> None:
 
 
 def test_block_layout_pads_unequal_runs_and_gives_up_on_lopsided_ones() -> None:
-    from ensemble.runtime import _BlockLayout
+    from ensemble.stacked_experts import BlockLayout
 
-    equal = _BlockLayout.of([(0, 0, 2), (1, 2, 4)], [0, 1])
+    equal = BlockLayout.of([(0, 0, 2), (1, 2, 4)], [0, 1])
     assert equal is not None and equal.pad is None and equal.unpad is None
-    padded = _BlockLayout.of([(0, 0, 2), (1, 2, 3)], [0, 1])
+    padded = BlockLayout.of([(0, 0, 2), (1, 2, 3)], [0, 1])
     assert padded is not None and padded.pad is not None and padded.unpad is not None
     assert padded.pad.tolist() == [0, 1, 2, 2] and padded.unpad.tolist() == [0, 1, 2]
-    assert _BlockLayout.of([(0, 0, 5), (1, 5, 6)], [0, 1]) is None  # 10 rows for 6
-    assert _BlockLayout.of([(1, 0, 2)], [0, 1]) is None  # expert 0 has no rows
+    assert BlockLayout.of([(0, 0, 5), (1, 5, 6)], [0, 1]) is None  # 10 rows for 6
+    assert BlockLayout.of([(1, 0, 2)], [0, 1]) is None  # expert 0 has no rows
     weights = torch.randn(2, 3, 4)
     bias = torch.randn(2, 1, 4)
     x = torch.randn(3, 5, 3)

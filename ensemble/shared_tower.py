@@ -1,0 +1,169 @@
+"""The router's CLIP encoder when it is the experts' own vision tower.
+
+When the router's encoder is a Hugging Face CLIP whose vision model is the LLaVA experts'
+own tower (same settings, weights and preprocessing), one tower pass per batch gives both the
+routing features (its projected pooled output) and the experts' image features (its hidden
+layer). :class:`SharedTower` finds that case and, while the experts generate, makes their
+towers hand the routing pass's output back instead of running again.
+
+It sees the runtime only through two narrow interfaces (:class:`ExpertTowers`,
+:class:`HandedOutputs`), so this module does not import :mod:`ensemble.runtime`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from torch import nn
+
+from protocol.ensemble_manifest import EnsembleManifest
+
+__all__ = ["ExpertTowers", "HandedOutputs", "SharedTower", "take_rows"]
+
+
+class ExpertTowers(Protocol):
+    """The present experts, as far as a shared tower needs them."""
+
+    def engines(self) -> list[nn.Module]:
+        """Every distinct model that can run."""
+        ...
+
+    def vision_towers(self) -> list[nn.Module]:
+        """Every distinct vision tower those models run."""
+        ...
+
+
+class HandedOutputs(Protocol):
+    """A batch that remembers which pixels it selected from the routing pass."""
+
+    def handed_output(self, pixels: torch.Tensor) -> Any:
+        """The routing pass's tower output for ``pixels``, or None."""
+        ...
+
+
+def take_rows(output: Any, rows: torch.Tensor) -> Any:
+    """A vision tower output restricted to ``rows`` (hidden states it did not keep stay None)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor[rows]
+
+    hidden = output.hidden_states
+    return BaseModelOutputWithPooling(
+        last_hidden_state=take(output.last_hidden_state),
+        pooler_output=take(output.pooler_output),
+        hidden_states=None if hidden is None else tuple(take(h) for h in hidden),
+    )
+
+
+# What a vision tower computes: the settings that must agree for two towers to be one model
+# (their weights are compared too).
+_TOWER_SETTINGS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
+
+
+class SharedTower:
+    """The router's encoder is the experts' own CLIP vision tower: one pass serves both.
+
+    It holds when the plan's encoder is a Hugging Face CLIP whose vision model has the
+    experts' tower's settings and weights and whose image preprocessing gives the same
+    pixels. The router needs CLIP's image embedding, ``visual_projection(pooler_output)``
+    (the pooled output is the post-layernorm CLS token of the last layer); LLaVA needs
+    ``hidden_states[vision_feature_layer]`` of the same pass. So the pass runs the tower as
+    LLaVA runs it, the router projects its pooled output (a ``D x H`` matmul), and while the
+    experts generate, their towers hand that output back instead of running again.
+    """
+
+    def __init__(self, towers: list[nn.Module], projection: nn.Module, feature_layer: Any) -> None:
+        self.towers = towers
+        self.projection = projection
+        self.feature_layer = feature_layer
+
+    @classmethod
+    def find(
+        cls, feature_model: Any, experts: ExpertTowers, processor: Any, manifest: EnsembleManifest
+    ) -> SharedTower | None:
+        """The shared tower, or None when the router's encoder is another model."""
+        clip = getattr(feature_model, "clip", None)
+        if clip is None or manifest.architecture != "llava":
+            return None
+        towers = experts.vision_towers()
+        vision = clip.vision_model  # a CLIPVisionModel, the class of LLaVA's vision tower
+        reference = vision.state_dict()
+        for tower in towers:
+            if type(tower) is not type(vision) or any(
+                getattr(tower.config, name, None) != getattr(vision.config, name)
+                for name in _TOWER_SETTINGS
+            ):
+                return None
+            weights = tower.state_dict()
+            if weights.keys() != reference.keys() or not all(
+                weights[n].dtype == reference[n].dtype
+                and weights[n].shape == reference[n].shape
+                and torch.equal(weights[n], reference[n].to(weights[n].device))
+                for n in weights
+            ):
+                return None
+        probe = Image.radial_gradient("L").convert("RGB").resize((97, 61))
+        ours = processor.image_processor(images=[probe], return_tensors="pt")["pixel_values"]
+        theirs = feature_model.pixels([probe]).cpu()
+        if ours.shape != theirs.shape or not torch.equal(ours.float(), theirs.float()):
+            return None
+        layers = {json.dumps(_config_of(e).vision_feature_layer) for e in experts.engines()}
+        if not towers or len(layers) != 1:
+            return None
+        return cls(towers, clip.visual_projection, json.loads(layers.pop()))
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Unit-norm router features and the tower's output (as LLaVA asks for it)."""
+        with torch.inference_mode():
+            output = self.towers[0](
+                pixels, output_hidden_states=self.feature_layer, return_dict=True
+            )
+            weight = self.projection.weight
+            pooled = output.pooler_output.to(weight.device, weight.dtype)
+            features = self.projection(pooled).float()
+        return torch.nn.functional.normalize(features, dim=-1), output
+
+    @contextlib.contextmanager
+    def handing(self, batch: HandedOutputs) -> Iterator[None]:
+        """Makes every expert tower return ``batch``'s routing pass for pixels it selected."""
+
+        def forward_of(tower: nn.Module) -> Callable[..., Any]:
+            real = type(tower).forward
+
+            def forward(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                handed = None
+                if not args and kwargs.get("output_hidden_states") == self.feature_layer:
+                    handed = batch.handed_output(pixel_values)
+                if handed is None:
+                    return real(tower, pixel_values, *args, **kwargs)
+                return handed
+
+            return forward
+
+        for tower in self.towers:
+            tower.forward = forward_of(tower)
+        try:
+            yield
+        finally:
+            for tower in self.towers:
+                del tower.forward
+
+
+def _config_of(model: nn.Module) -> Any:
+    return model.config

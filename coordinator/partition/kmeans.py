@@ -446,10 +446,12 @@ def _shortest_paths(
         if not (excess > 0.5).any():
             return piece_row, piece_cluster, piece_mass, prices
         # Reduced costs are >= -epsilon; clamping at zero keeps Dijkstra exact up to epsilon.
-        sink, _, parent = kernels.shortest_path(move, prices, np.rint(excess).astype(np.int64))
-        if sink < 0:
+        sinks, found, parent = kernels.shortest_path_tree(
+            move, prices, np.rint(excess).astype(np.int64), 1
+        )
+        if found == 0:
             raise RuntimeError("balanced assignment: no path to a cluster with room")
-        path = [int(sink)]
+        path = [int(sinks[0])]
         while parent[path[-1]] >= 0:
             path.append(int(parent[path[-1]]))
         path.reverse()

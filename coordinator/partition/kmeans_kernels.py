@@ -60,29 +60,34 @@ def priced_top2(
 
 
 @njit(cache=True, nogil=True)
-def shortest_path(
-    move: np.ndarray, prices: np.ndarray, excess: np.ndarray
-) -> tuple[int, np.ndarray, np.ndarray]:
-    """Dijkstra on the dense cluster graph from every over-full cluster at once to the nearest
-    cluster with room; the edge ``a -> b`` costs ``move[a, b] - p_a + p_b`` (>= 0 up to
-    rounding, clamped at 0; ``inf`` where no row can move).
+def shortest_path_tree(
+    move: np.ndarray, prices: np.ndarray, excess: np.ndarray, wanted: int
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Dijkstra on the dense cluster graph from every over-full cluster at once, until
+    ``wanted`` clusters with room are settled; the edge ``a -> b`` costs
+    ``move[a, b] - p_a + p_b`` (>= 0 up to rounding, clamped at 0; ``inf`` where no row can
+    move).
 
-    Raises every settled cluster's price by how much closer it is than the sink (the Hungarian
-    method's dual update, in place), which keeps all reduced costs non-negative afterwards.
+    Raises every settled cluster's price by how much closer it is than the last settled sink
+    (the Hungarian method's dual update, in place). Afterwards every reduced cost is still
+    non-negative and every tree edge into a settled cluster costs zero, so the tree path to
+    each settled sink is a shortest augmenting path under the new prices.
 
     Returns:
-        ``(sink, distance, parent)``; ``sink`` is -1 when no cluster with room is reachable.
-        The path is ``parent[...parent[sink]...], ..., sink``.
+        ``(sinks, found, parent)``: the first ``found`` entries of ``sinks`` are the settled
+        clusters with room, nearest first; a path is ``parent[...parent[sink]...], ..., sink``.
     """
     k = move.shape[0]
     distance = np.full(k, np.inf)
     parent = np.full(k, -1, dtype=np.int64)
     settled = np.zeros(k, dtype=np.bool_)
+    sinks = np.empty(k, dtype=np.int64)
+    found = 0
     for a in range(k):
         if excess[a] > 0:
             distance[a] = 0.0
-    sink = -1
-    while True:
+    reach = 0.0
+    while found < wanted:
         u = -1
         nearest = np.inf
         for a in range(k):
@@ -92,9 +97,10 @@ def shortest_path(
         if u < 0:
             break
         settled[u] = True
+        reach = nearest
         if excess[u] < 0:
-            sink = u
-            break
+            sinks[found] = u
+            found += 1
         for v in range(k):
             if settled[v] or move[u, v] == np.inf:
                 continue
@@ -102,12 +108,11 @@ def shortest_path(
             if candidate < distance[v]:
                 distance[v] = candidate
                 parent[v] = u
-    if sink >= 0:
-        reach = distance[sink]
+    if found > 0:
         for a in range(k):
             if settled[a] and distance[a] < reach:
                 prices[a] += reach - distance[a]
-    return sink, distance, parent
+    return sinks, found, parent
 
 
 @njit(cache=True, nogil=True)
@@ -190,7 +195,9 @@ def unit_shortest_paths(
     optimal for its capacities. ``move[a, b]``, the cheapest move out of ``a`` into ``b``, is
     kept up to date incrementally: a row entering ``a`` can only lower ``a``'s row of it, and a
     row leaving ``a`` forces a rescan only of the entries it was the cheapest for. One
-    augmentation thus costs a ``K x K`` Dijkstra and a few column scans, not a pass over rows.
+    Dijkstra settles many clusters with room, and every path in its tree that shares no edge
+    or row with another is taken at once, so an augmentation costs a few column scans and a
+    share of a ``K x K`` Dijkstra, not a pass over rows.
 
     Returns:
         ``(labels, prices)``: new arrays; the labels meet the capacities exactly.
@@ -213,29 +220,51 @@ def unit_shortest_paths(
     best_row = np.zeros((k, k), dtype=np.int64)
     for i in range(n):
         _enter(similarity, members, count, position, i, labels[i], move, best_row)
-    path_rows = np.empty(k, dtype=np.int64)
-    path_from = np.empty(k, dtype=np.int64)
-    path_to = np.empty(k, dtype=np.int64)
+    # Per round (one Dijkstra), the paths taken must not share a tree edge or a row: a moved
+    # row changes its clusters' cheapest moves, and tree edges are tight only once.
+    node_round = np.full(k, -1, dtype=np.int64)
+    row_round = np.full(n, -1, dtype=np.int64)
+    tree_row = np.zeros(k, dtype=np.int64)
+    path = np.empty(k, dtype=np.int64)
+    round_ = 0
     while remaining > 0:
-        sink, _, parent = shortest_path(move, prices, excess)
-        if sink < 0:
+        sinks, found, parent = shortest_path_tree(move, prices, excess, remaining)
+        if found == 0:
             raise RuntimeError("balanced assignment: no path to a cluster with room")
-        # The rows to move are fixed before any moves change ``best_row``.
-        edges = 0
-        v = sink
-        while parent[v] >= 0:
-            u = parent[v]
-            path_rows[edges], path_from[edges], path_to[edges] = best_row[u, v], u, v
-            edges += 1
-            v = u
-        for e in range(edges):
-            row = path_rows[e]
-            _leave(similarity, members, count, position, row, path_from[e], move, best_row)
-            _enter(similarity, members, count, position, row, path_to[e], move, best_row)
-            labels[row] = path_to[e]
-        excess[v] -= 1
-        excess[sink] += 1
-        remaining -= 1
+        # The rows to move are fixed before any move changes ``best_row``.
+        for v in range(k):
+            if parent[v] >= 0:
+                tree_row[v] = best_row[parent[v], v]
+        for f in range(found):
+            sink = sinks[f]
+            length = 0
+            v = sink
+            clear = True
+            while parent[v] >= 0:
+                if node_round[v] == round_ or row_round[tree_row[v]] == round_:
+                    clear = False
+                    break
+                path[length] = v
+                length += 1
+                v = parent[v]
+            if not clear or excess[v] <= 0 or excess[sink] >= 0:
+                continue
+            for e in range(length):
+                node = path[e]
+                node_round[node] = round_
+                row_round[tree_row[node]] = round_
+            for e in range(length - 1, -1, -1):
+                node = path[e]
+                row = tree_row[node]
+                _leave(similarity, members, count, position, row, parent[node], move, best_row)
+                _enter(similarity, members, count, position, row, node, move, best_row)
+                labels[row] = node
+            excess[v] -= 1
+            excess[sink] += 1
+            remaining -= 1
+            if remaining == 0:
+                break
+        round_ += 1
     return labels, prices
 
 

@@ -172,6 +172,7 @@ def _newton_prices(
     capacities: np.ndarray,
     prices: np.ndarray,
     target: float,
+    priced: tuple[np.ndarray, np.ndarray, np.ndarray],
     max_steps: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Moves prices toward exact balance with Newton steps on the K-dimensional dual.
@@ -183,11 +184,14 @@ def _newton_prices(
     steps bring the total excess from thousands to a few hundred, which shortest paths then
     settle exactly; a step that does not reduce the excess is halved.
 
+    Args:
+        priced: :func:`_priced_argmax` of ``similarity`` under ``prices`` (the caller's pass).
+
     Returns:
         ``(prices, labels)`` with every row in its best cluster under the returned prices.
     """
     n, k = similarity.shape
-    labels, margins, runner_up = _priced_argmax(similarity, prices)
+    labels, margins, runner_up = priced
     excess = np.bincount(labels, minlength=k) - capacities
     total = np.maximum(excess, 0).sum()
     for _step in range(max_steps):
@@ -264,8 +268,6 @@ def _auction(
     unit = mass is None
     piece_row = np.arange(n, dtype=np.int64)
     piece_mass = np.ones(n, dtype=np.float64) if mass is None else mass.astype(np.float64)
-    if unit and n > _NEWTON_MIN_POINTS:
-        prices, _ = _newton_prices(similarity, capacities, prices, target=_newton_target(n, k))
     piece_cluster, margins, _ = _priced_argmax(similarity, prices)
     # anchor - price[own cluster] is a lower bound on a piece's margin while prices only rise.
     anchor = margins + prices[piece_cluster]
@@ -495,7 +497,6 @@ def balanced_assignment(
     *,
     prices: np.ndarray | None = None,
     seed: int = 0,
-    labels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Assigns every row to a cluster, with exact cluster sizes, maximising total similarity.
 
@@ -505,7 +506,6 @@ def balanced_assignment(
         prices: starting cluster prices (for example the previous Lloyd iteration's); any
             values are correct, good ones are fast. Default: zeros.
         seed: seeds the subsample used to settle prices that are far from right.
-        labels: optional precomputed ``argmax(similarity - prices)`` (saves one pass).
 
     Returns:
         ``(labels, prices)``: ``N`` int64 cluster ids meeting the capacities exactly, and the
@@ -519,10 +519,8 @@ def balanced_assignment(
         )
     similarity = np.ascontiguousarray(similarity, dtype=np.float32)
     prices = np.zeros(k) if prices is None else np.asarray(prices, dtype=np.float64)
-    if labels is None:
-        labels, _, _ = _priced_argmax(similarity, prices)
-    else:
-        labels = labels.copy()
+    priced = _priced_argmax(similarity, prices)
+    labels = priced[0]
     counts = np.bincount(labels, minlength=k)
     excess = int(np.maximum(counts - capacities, 0).sum())
     if excess == 0:
@@ -539,12 +537,15 @@ def balanced_assignment(
             prices=prices,
             seed=seed + 1,
         )
-        labels, _, _ = _priced_argmax(similarity, prices)
+        priced = _priced_argmax(similarity, prices)
+        labels = priced[0]
         excess = int(np.maximum(np.bincount(labels, minlength=k) - capacities, 0).sum())
         if excess == 0:
             return labels, prices
     if n > _NEWTON_MIN_POINTS:
-        prices, labels = _newton_prices(similarity, capacities, prices, target=_newton_target(n, k))
+        prices, labels = _newton_prices(
+            similarity, capacities, prices, target=_newton_target(n, k), priced=priced
+        )
     return kernels.unit_shortest_paths(similarity, capacities, prices, labels)
 
 

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from protocol.audit_log import AuditEvent, Checkpoint
-from protocol.errors import FailedPrecondition, InvalidArgument
+from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 from protocol.messages import UploadFile
 
 # 2: the audit log (events, checkpoints) and upload receipts.
@@ -346,6 +346,16 @@ def open_store(url: str) -> Store:
 
         return SqliteStore(url.removeprefix("sqlite:///"))
     raise ValueError(f"store URL {url!r}: expected 'sqlite:///PATH' or 'memory://'")
+
+
+def check_finish_upload(upload_id: str, current: UploadRecord | None, state: str) -> None:
+    """The :meth:`Store.finish_upload` rules, shared by the backends."""
+    if state not in ("accepted", "rejected"):
+        raise InvalidArgument(f"upload state {state!r}: expected 'accepted' or 'rejected'")
+    if current is None:
+        raise NotFound(f"unknown upload id {upload_id!r}")
+    if current.state != "open":
+        raise FailedPrecondition(f"upload {upload_id} is already {current.state}")
 
 
 def check_new_checkpoint(latest: Checkpoint | None, new: Checkpoint, log_size: int) -> None:

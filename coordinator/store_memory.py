@@ -18,6 +18,7 @@ from coordinator.store import (
     Store,
     TokenRecord,
     UploadRecord,
+    check_finish_upload,
     check_new_checkpoint,
 )
 from protocol.audit_log import AuditEvent, Checkpoint
@@ -253,14 +254,10 @@ class MemoryStore(Store):
         now: float,
         audit: EventFor[UploadRecord] | None = None,
     ) -> UploadRecord:
-        if state not in ("accepted", "rejected"):
-            raise InvalidArgument(f"upload state {state!r}: expected 'accepted' or 'rejected'")
         with self._lock:
             upload = self._uploads.get(upload_id)
-            if upload is None:
-                raise NotFound(f"unknown upload id {upload_id!r}")
-            if upload.state != "open":
-                raise FailedPrecondition(f"upload {upload_id} is already {upload.state}")
+            check_finish_upload(upload_id, upload, state)
+            assert upload is not None
             finished = dataclasses.replace(upload, state=state, reason=reason, updated_at=now)
             event = audit(finished) if audit else None
             self._uploads[upload_id] = finished

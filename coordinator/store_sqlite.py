@@ -23,6 +23,7 @@ from coordinator.store import (
     Store,
     TokenRecord,
     UploadRecord,
+    check_finish_upload,
     check_new_checkpoint,
 )
 from protocol.audit_log import AuditEvent, Checkpoint
@@ -487,14 +488,8 @@ class SqliteStore(Store):
         now: float,
         audit: EventFor[UploadRecord] | None = None,
     ) -> UploadRecord:
-        if state not in ("accepted", "rejected"):
-            raise InvalidArgument(f"upload state {state!r}: expected 'accepted' or 'rejected'")
         with self._write() as conn:
-            current = self._upload(conn, upload_id)
-            if current is None:
-                raise NotFound(f"unknown upload id {upload_id!r}")
-            if current.state != "open":
-                raise FailedPrecondition(f"upload {upload_id} is already {current.state}")
+            check_finish_upload(upload_id, self._upload(conn, upload_id), state)
             conn.execute(
                 "UPDATE uploads SET state = ?, reason = ?, updated_at = ? WHERE upload_id = ?",
                 (state, reason, now, upload_id),

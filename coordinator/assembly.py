@@ -48,7 +48,7 @@ from coordinator.state import StateDir
 from coordinator.store import EnsembleRecord, Store
 from coordinator.upload import upload_files_dir
 from protocol.canonical import canonical_digest
-from protocol.digests import file_sha256
+from protocol.digests import file_sha256, folder_digests
 from protocol.ensemble_manifest import (
     MANIFEST_FILE,
     TextOnlyStrategy,
@@ -199,17 +199,6 @@ def _copy_expert(state: StateDir, store: Store, choice: ExpertChoice, target: Pa
     return len(record.files)
 
 
-def _digests(folder: Path) -> dict[str, dict[str, Any]]:
-    return {
-        path.relative_to(folder).as_posix(): {
-            "sha256": file_sha256(path),
-            "size": path.stat().st_size,
-        }
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
-
-
 def _encoder(plan: dict[str, Any], staging: Path, weights_file: Path | None) -> dict[str, Any]:
     """Copies the plan's feature model into ``router/encoder/``; returns the manifest entry."""
     identity = dict(plan["encoder"])
@@ -265,7 +254,7 @@ def _encoder(plan: dict[str, Any], staging: Path, weights_file: Path | None) -> 
             f"the plan's encoder weights {weights}: assembly needs a seeded random "
             "initialisation or a local weights file (--encoder-weights)"
         )
-    entry["files"] = {f"router/encoder/{n}": d for n, d in _digests(folder).items()}
+    entry["files"] = {f"router/encoder/{n}": d for n, d in folder_digests(folder).items()}
     return entry
 
 
@@ -437,7 +426,7 @@ def assemble(
                 expected=ProvenanceExpectations(expert_index=index, builder_id=builder),
             )
             root = verified.model.digests.root_sha256
-            files = _digests(target)
+            files = folder_digests(target)
             entries.append(
                 {
                     "index": index,
@@ -489,7 +478,7 @@ def assemble(
             "allow_partial": bool(missing),
             "missing_experts": missing,
             "base": base,
-            "other_files": {"README.md": _digests(staging)["README.md"]},
+            "other_files": {"README.md": folder_digests(staging)["README.md"]},
         }
         parse_manifest(manifest)  # the schema consumers load with: fail here, not there
         manifest_path = staging / MANIFEST_FILE
@@ -526,7 +515,7 @@ def _copy_base(state: StateDir, store: Store, staging: Path) -> dict[str, Any]:
             "coordinator (a base larger than the serve limit stays at the sites)"
         )
     shutil.copytree(source, staging / "base")
-    return {"path": "base", "files": _digests(staging / "base")}
+    return {"path": "base", "files": folder_digests(staging / "base")}
 
 
 def _sign(

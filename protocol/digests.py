@@ -17,6 +17,19 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def folder_digests(folder: Path) -> dict[str, dict[str, str | int]]:
+    """``{relative posix path: {"sha256", "size"}}`` of every file under ``folder``, sorted
+    (the file lists of ``atoll_ensemble.json``)."""
+    return {
+        path.relative_to(folder).as_posix(): {
+            "sha256": file_sha256(path),
+            "size": path.stat().st_size,
+        }
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
 def check_sha256_hex(value: str, what: str) -> str:
     """Returns ``value`` if it is 64 lowercase hex digits, else names ``what`` in the error."""
     if not _SHA256_HEX.match(value):

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from coordinator.partition.features import load_encoder
-from protocol.digests import file_sha256
+from protocol.digests import file_sha256, folder_digests
 from protocol.ensemble_manifest import MANIFEST_FILE, expert_path
 from protocol.recipe import load_recipe
 from site_agent.training.model import load_model, load_processor
@@ -49,18 +49,6 @@ def write_pictures(directory: Path, per_kind: int = 4) -> dict[str, list[Path]]:
             picture(kind, variant).save(path)
             files.setdefault(kind, []).append(path)
     return files
-
-
-def digests(folder: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {sha256, size}}`` of every file under ``folder``."""
-    return {
-        path.relative_to(folder).as_posix(): {
-            "sha256": file_sha256(path),
-            "size": path.stat().st_size,
-        }
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
 
 
 def tiny_settings(init_seed: int, size: dict[str, int] | None = None) -> Any:
@@ -245,7 +233,7 @@ def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
             "dim": 32,
             "image_size": 32,
         }
-    files = digests(root / "router" / "encoder")
+    files = folder_digests(root / "router" / "encoder")
     router = {
         "encoder": encoder
         | {
@@ -275,7 +263,7 @@ def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
                 "kind": "lora" if (folder / "adapter_config.json").is_file() else "full",
                 "model_root_digest": None,
                 "site": f"spiffe://test/site/s{index}" if present else None,
-                "files": digests(folder) if present else {},
+                "files": folder_digests(folder) if present else {},
             }
         )
     manifest: dict[str, Any] = {
@@ -288,10 +276,10 @@ def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
         "experts": entries,
         "allow_partial": False,
         "missing_experts": [e["index"] for e in entries if not e["present"]],
-        "base": {"path": "base", "files": digests(root / "base")}
+        "base": {"path": "base", "files": folder_digests(root / "base")}
         if (root / "base").is_dir()
         else None,
-        "other_files": {"README.md": digests(root)["README.md"]},
+        "other_files": {"README.md": folder_digests(root)["README.md"]},
     }
     manifest.update(overrides)
     (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

@@ -17,6 +17,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+_ROWS_PER_TASK = 1024
+_INDEX_BITS = np.int64(0xFFFFFFFF)
+
 
 @njit(cache=True, nogil=True, parallel=True)
 def priced_top2(
@@ -30,33 +33,46 @@ def priced_top2(
     lead over the second best, and the second best; written into the three output arrays.
 
     With one cluster the margin is infinite and the runner-up is the cluster itself. Rows are
-    split across numba's threads (2x on two cores; rows are independent).
+    split across numba's threads (rows are independent).
     """
     n, k = similarity.shape
-    # Compared in float32 (the similarities' own precision; 30 % faster), the chosen pair's
-    # margin recomputed in float64.
+    # Compared in float32 (the similarities' own precision), the chosen pair's margin
+    # recomputed in float64. LLVM will not vectorise a float max with an index, but it does an
+    # integer max: so each priced value becomes an int64 key that orders like the float (its
+    # bits, negatives flipped) in the high half and ``2**32 - 1 - cluster`` in the low half, and
+    # one vectorised max gives the best value and its first cluster (2.4x faster at K = 128).
     price32 = prices.astype(np.float32)
-    for i in prange(n):
-        best = np.float32(-np.inf)
-        second = np.float32(-np.inf)
-        arg = 0
-        second_arg = 0
-        for a in range(k):
-            value = similarity[i, a] - price32[a]
-            if value > best:
-                second, second_arg = best, arg
-                best, arg = value, a
-            elif value > second:
-                second, second_arg = value, a
-        labels[i] = arg
-        if k == 1:
-            margins[i] = np.inf
-            runner_up[i] = arg
-        else:
-            margins[i] = (np.float64(similarity[i, arg]) - prices[arg]) - (
-                np.float64(similarity[i, second_arg]) - prices[second_arg]
-            )
-            runner_up[i] = second_arg
+    lowest = np.iinfo(np.int64).min
+    tasks = (n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for task in prange(tasks):
+        priced = np.empty(k, np.float32)
+        bits = priced.view(np.int32)
+        keys = np.empty(k, np.int64)
+        for i in range(task * _ROWS_PER_TASK, min(n, (task + 1) * _ROWS_PER_TASK)):
+            for a in range(k):
+                priced[a] = similarity[i, a] - price32[a]
+            best = lowest
+            for a in range(k):
+                x = np.int64(bits[a])
+                x ^= (x >> 31) & 0x7FFFFFFF
+                x = x if x != -1 else 0  # -0.0 ties with +0.0, as floats compare
+                key = (x << 32) | (_INDEX_BITS - a)
+                keys[a] = key
+                best = max(best, key)
+            second = lowest
+            for a in range(k):
+                second = max(second, keys[a] if keys[a] != best else lowest)
+            arg = _INDEX_BITS - (best & _INDEX_BITS)
+            labels[i] = arg
+            if k == 1:
+                margins[i] = np.inf
+                runner_up[i] = arg
+            else:
+                second_arg = _INDEX_BITS - (second & _INDEX_BITS)
+                margins[i] = (np.float64(similarity[i, arg]) - prices[arg]) - (
+                    np.float64(similarity[i, second_arg]) - prices[second_arg]
+                )
+                runner_up[i] = second_arg
 
 
 @njit(cache=True, nogil=True)

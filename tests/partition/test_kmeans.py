@@ -95,7 +95,7 @@ def test_large_instance_agrees_with_the_auction() -> None:
     assert abs(total(similarity, labels) - total(similarity, full)) <= 20_000 * 2e-6
 
 
-@pytest.mark.parametrize("k", [1, 2, 7])
+@pytest.mark.parametrize("k", [1, 2, 7, 130])
 def test_priced_top2_matches_numpy(k: int) -> None:
     rng = np.random.default_rng(k)
     similarity = rng.uniform(-1, 1, (500, k)).astype(np.float32)
@@ -112,6 +112,19 @@ def test_priced_top2_matches_numpy(k: int) -> None:
     second[rows, labels] = -np.inf
     assert np.array_equal(runner_up, second.argmax(axis=1))
     assert np.allclose(margins, values[rows, labels] - second.max(axis=1), atol=1e-6)
+
+
+def test_priced_top2_ties_signed_zeros_and_negatives_as_floats_compare() -> None:
+    """The kernel compares integer keys made from the floats' bits: -0.0 must still tie with
+    +0.0 (the first wins), and negative values must order by value, not by bit pattern."""
+    similarity = np.array(
+        [[-0.0, 0.0, -1.0], [-2.0, -0.5, -0.25], [0.0, -0.0, 0.0], [-3.0, -3.0, -4.0]],
+        dtype=np.float32,
+    )
+    labels, margins, runner_up = kmeans._priced_argmax(similarity, np.zeros(3))
+    assert labels.tolist() == [0, 2, 0, 0]
+    assert runner_up.tolist() == [1, 1, 1, 1]
+    assert margins.tolist() == [0.0, 0.25, 0.0, 0.0]
 
 
 @pytest.mark.parametrize(("n", "k", "check_lap"), [(3000, 16, True), (6000, 64, False)])

@@ -42,7 +42,7 @@ def priced_top2(
     # bits, negatives flipped) in the high half and ``2**32 - 1 - cluster`` in the low half, and
     # one vectorised max gives the best value and its first cluster (2.4x faster at K = 128).
     price32 = prices.astype(np.float32)
-    lowest = np.iinfo(np.int64).min
+    lowest = np.int64(np.iinfo(np.int64).min)
     tasks = (n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(tasks):
         priced = np.empty(k, np.float32)
@@ -55,13 +55,14 @@ def priced_top2(
             for a in range(k):
                 x = np.int64(bits[a])
                 x ^= (x >> 31) & 0x7FFFFFFF
-                x = x if x != -1 else 0  # -0.0 ties with +0.0, as floats compare
+                x = x if x != -1 else np.int64(0)  # -0.0 ties with +0.0, as floats compare
                 key = (x << 32) | (_INDEX_BITS - a)
                 keys[a] = key
-                best = max(best, key)
+                best = key if key > best else best
             second = lowest
             for a in range(k):
-                second = max(second, keys[a] if keys[a] != best else lowest)
+                other = keys[a] if keys[a] != best else lowest
+                second = other if other > second else second
             arg = _INDEX_BITS - (best & _INDEX_BITS)
             labels[i] = arg
             if k == 1:

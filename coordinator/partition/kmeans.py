@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import numba
 import numpy as np
 import torch
 
@@ -546,7 +547,9 @@ def balanced_assignment(
         prices, labels = _newton_prices(
             similarity, capacities, prices, target=_newton_target(n, k), priced=priced
         )
-    return kernels.unit_shortest_paths(similarity, capacities, prices, labels)
+    return kernels.unit_shortest_paths(
+        similarity, capacities, prices, labels, numba.get_num_threads()
+    )
 
 
 def _proportional(capacities: np.ndarray, size: int) -> np.ndarray:

@@ -127,9 +127,11 @@ def test_priced_top2_ties_signed_zeros_and_negatives_as_floats_compare() -> None
     assert margins.tolist() == [0.0, 0.25, 0.0, 0.0]
 
 
-@pytest.mark.parametrize(("n", "k", "check_lap"), [(3000, 16, True), (6000, 64, False)])
+@pytest.mark.parametrize(
+    ("n", "k", "check_lap", "threads"), [(3000, 16, True, 3), (6000, 64, False, 2)]
+)
 def test_shortest_paths_keep_every_row_in_a_best_priced_cluster(
-    n: int, k: int, check_lap: bool
+    n: int, k: int, check_lap: bool, threads: int
 ) -> None:
     """The exact finish from prices far from balance (many over-full clusters, so each
     Dijkstra takes many paths at once): sizes exact, and the returned prices certify
@@ -140,7 +142,9 @@ def test_shortest_paths_keep_every_row_in_a_best_priced_cluster(
     capacities = balanced_sizes(n, k)
     prices = np.zeros(k)
     start, _, _ = kmeans._priced_argmax(similarity, prices)
-    labels, final = kmeans.kernels.unit_shortest_paths(similarity, capacities, prices, start)
+    labels, final = kmeans.kernels.unit_shortest_paths(
+        similarity, capacities, prices, start, threads
+    )
     assert np.bincount(labels, minlength=k).tolist() == capacities.tolist()
     values = similarity.astype(np.float64) - final
     assert np.all(values[np.arange(n), labels] >= values.max(axis=1) - 1e-6)

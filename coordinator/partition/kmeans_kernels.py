@@ -397,14 +397,24 @@ def unit_shortest_paths(
     return labels, prices
 
 
-@njit(cache=True, nogil=True)
+# Row ranges summed separately (in parallel) and then added, in this fixed order whatever the
+# thread count, so the sums do not depend on the machine.
+_SUM_PARTS = 4
+
+
+@njit(cache=True, nogil=True, parallel=True)
 def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """``K x D`` float64 sums of the rows of each cluster (float64 accumulators keep
     million-row sums independent of the order they are added in, to float32 precision)."""
     n, d = x.shape
-    sums = np.zeros((k, d))
-    for i in range(n):
-        a = labels[i]
-        for j in range(d):
-            sums[a, j] += x[i, j]
-    return sums
+    partial = np.zeros((_SUM_PARTS, k, d))
+    for part in prange(_SUM_PARTS):
+        for i in range(part * n // _SUM_PARTS, (part + 1) * n // _SUM_PARTS):
+            sums = partial[part, labels[i]]
+            row = x[i]
+            for j in range(d):
+                sums[j] += row[j]
+    total = partial[0].copy()
+    for part in range(1, _SUM_PARTS):
+        total += partial[part]
+    return total

@@ -281,3 +281,15 @@ def test_nearest_assignment_is_the_argmax() -> None:
     x = unit_rows(300, 8, seed=16)
     c = unit_rows(5, 8, seed=17)
     assert np.array_equal(nearest_assignment(x, c, block_size=64), (x @ c.T).argmax(axis=1))
+
+
+@pytest.mark.parametrize("n", [3, 1001])
+def test_cluster_sums_match_numpy(n: int) -> None:
+    """Summed over fixed row ranges in parallel: every row counted once, in its own cluster,
+    including when N is smaller than the number of ranges."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 7)).astype(np.float32)
+    labels = rng.integers(0, 5, n)
+    expected = np.zeros((5, 7))
+    np.add.at(expected, labels, x.astype(np.float64))
+    assert np.allclose(kmeans.kernels.cluster_sums(x, labels, 5), expected, rtol=0, atol=1e-12)

@@ -24,7 +24,16 @@ under 1%), top-2/dense cost (target <= 2.1x). ``--clock cpu`` times process CPU 
 of wall time: with ``--threads 1`` it counts the work done and not the waiting, which is what
 a machine shared with other jobs can measure.
 
-    .venv/bin/python benchmarks/routing.py [--sizes tiny small] [--batch 8] [--experts 2]
+Each size runs at every ``--batch`` (default 8 and 64), because the top-1 ratio depends on
+the regime. Full experts share no weights: top-1 over a batch split between two experts
+reads both experts' weights at every decoding step where dense reads one set. While decoding
+is bound by reading weights (small batches on a CPU whose caches do not hold the model; the
+same holds for HBM on a GPU), top-1 costs up to twice dense per token; once the batch makes
+decoding compute-bound the ratio reaches 1. On this 2-core CPU the small model is weight-bound
+at batch 8 (a decoding step's stacked ``bmm`` over two experts takes 1.7x the dense ``mm``)
+and compute-bound by batch 64.
+
+    .venv/bin/python benchmarks/routing.py [--sizes tiny small] [--batch 8 64] [--experts 2]
         [--new-tokens 32] [--repeats 5] [--device cpu|cuda] [--threads N]
         [--clock wall|cpu] [--json]
 """
@@ -87,7 +96,8 @@ def _timed(
     return clock() - start, tokens
 
 
-def bench_size(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def bench_size(name: str, args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """One report per batch size in ``args.batch``, from one pair of ensembles."""
     seeds = tuple(range(11, 11 + args.experts))
     ensembles = {
         router: RoutedEnsemble.from_pretrained(
@@ -103,12 +113,22 @@ def bench_size(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         for router in ("shared", "separate")
     }
     ensemble, separate = ensembles["shared"], ensembles["separate"]
+    return [bench_batch(name, ensemble, separate, batch, args) for batch in args.batch]
+
+
+def bench_batch(
+    name: str,
+    ensemble: RoutedEnsemble,
+    separate: RoutedEnsemble,
+    batch: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     shared_tower = ensemble.shared_tower
     assert shared_tower is not None, "the shared-encoder ensemble did not share its tower"
     device = ensemble.device
     kinds = list(KINDS)
-    images = [picture(kinds[i % len(kinds)], i % 5) for i in range(args.batch)]
-    prompts = [PROMPT] * args.batch
+    images = [picture(kinds[i % len(kinds)], i % 5) for i in range(batch)]
+    prompts = [PROMPT] * batch
     dense_model = ensemble.experts.model(0)
     tokenizer = ensemble.tokenizer
     eos = tokenizer.eos_token_id
@@ -172,7 +192,7 @@ def bench_size(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     return {
         "size": name,
         "experts": args.experts,
-        "batch": args.batch,
+        "batch": batch,
         "clock": args.clock,
         "groups_top1": len({int(e) for e in ensemble.route_images(images).experts[:, 0]}),
         "tokens": {m: runs[m][0][1] for m in generating},
@@ -188,7 +208,13 @@ def bench_size(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "small"])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[8, 64],
+        help="batch sizes, each measured on its own (default: 8 and 64)",
+    )
     parser.add_argument("--experts", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -205,25 +231,25 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
-        reports = [bench_size(name, args, Path(scratch)) for name in args.sizes]
+        reports = [r for name in args.sizes for r in bench_size(name, args, Path(scratch))]
     if args.json:
         print(json.dumps(reports, indent=2))
         return 0
     print(
-        f"device {args.device}, batch {args.batch}, {args.experts} experts, "
-        f"{args.new_tokens} new tokens, {args.clock} clock, threads {torch.get_num_threads()}"
+        f"device {args.device}, {args.experts} experts, {args.new_tokens} new tokens, "
+        f"{args.clock} clock, threads {torch.get_num_threads()}"
     )
     for r in reports:
         rates = r["tokens_per_s"]
         print(
-            f"{r['size']:>6}: dense {rates['dense']:8.1f} tok/s | top-1 {rates['top1']:8.1f} "
+            f"{r['size']:>6} batch {r['batch']:3d}: dense {rates['dense']:8.1f} tok/s | top-1 {rates['top1']:8.1f} "
             f"tok/s ({r['groups_top1']} groups), ratio {r['top1_vs_dense']:.3f} (target >= 0.95) "
             f"| router share {100 * r['router_share_of_top1']:.2f}% (shared tower, target < 1%) "
             f"| top-2 {rates['top2']:8.1f} tok/s, cost {r['top2_cost_vs_dense']:.2f}x dense "
             "(target <= 2.1)"
         )
         print(
-            f"{'':>6}  separate open_clip router: top-1 {rates['top1_separate']:8.1f} tok/s, "
+            f"{'':>16}  separate open_clip router: top-1 {rates['top1_separate']:8.1f} tok/s, "
             f"ratio {r['top1_separate_vs_dense']:.3f}, router share "
             f"{100 * r['separate_router_share_of_top1']:.2f}%"
         )

@@ -87,6 +87,10 @@ _NEWTON_HALVINGS = 2
 # as 100 paths at K = 128, both at N = 32k and at N = 1M).
 _NEWTON_MIN_GAIN = 1.0
 
+# Cluster sums are updated from the rows that changed cluster unless more than 1/this of them
+# did (a fresh parallel sum reads each row once; an update reads a mover twice, on one thread).
+_FRESH_SUMS = 8
+
 Progress = Callable[[int, float], None]
 """Called after each Lloyd iteration with (iteration, objective)."""
 
@@ -637,6 +641,7 @@ def balanced_spherical_kmeans(
     similarity = np.empty((n, num_clusters), dtype=np.float32)
     sim_t = torch.from_numpy(similarity)
     labels = np.full(n, -1, dtype=np.int64)
+    sums: np.ndarray | None = None
     prices: np.ndarray | None = None
     objective = 0.0
     converged = False
@@ -651,11 +656,15 @@ def balanced_spherical_kmeans(
             similarity, capacities, prices=prices, seed=seed + iteration
         )
         changed = int((new_labels != labels).sum())
+        if sums is None or changed > n // _FRESH_SUMS:
+            sums = kernels.cluster_sums(x, new_labels, num_clusters)
+        else:  # most rows stayed put: only the movers are read
+            kernels.move_sums(x, labels, new_labels, sums)
         labels = new_labels
         objective = float(
             np.take_along_axis(similarity, labels[:, None], axis=1).sum(dtype=np.float64)
         )
-        centroids = _normalised(_cluster_sums(x, labels, num_clusters), centroids)
+        centroids = _normalised(torch.from_numpy(sums), centroids)
         if progress is not None:
             progress(iteration, objective)
         if changed <= tol * n:

@@ -205,6 +205,14 @@ def _first_moves(
             if a % parts != part:
                 continue
             own = np.float64(similarity[i, a])
+            if depth == 1:
+                # The cheapest move only: a branch-free (vectorised) running minimum.
+                for b in range(k):
+                    cost = own - np.float64(similarity[i, b])
+                    better = cost < cheap_cost[a, b, 0]
+                    cheap_cost[a, b, 0] = cost if better else cheap_cost[a, b, 0]
+                    cheap_row[a, b, 0] = i if better else cheap_row[a, b, 0]
+                continue
             hits = 0
             for b in range(k):
                 costs[b] = own - np.float64(similarity[i, b])
@@ -222,6 +230,8 @@ def _first_moves(
         for a in range(part, k, parts):
             for b in range(k):
                 complete[a, b] = count[a] <= depth
+                if depth == 1:
+                    cheap_len[a, b] = 1 if count[a] > 0 and b != a else 0
 
 
 @njit(cache=True, nogil=True)
@@ -337,7 +347,7 @@ def unit_shortest_paths(
         count[a] += 1
     # Shallower lists when K is large, so that they stay within 2**24 entries.
     depth = max(1, min(_MOVE_DEPTH, 2**24 // (k * k)))
-    cheap_cost = np.empty((k, k, depth))
+    cheap_cost = np.full((k, k, depth), np.inf)
     cheap_row = np.zeros((k, k, depth), dtype=np.int64)
     cheap_len = np.zeros((k, k), dtype=np.int64)
     complete = np.ones((k, k), dtype=np.bool_)
@@ -418,3 +428,20 @@ def cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     for part in range(1, _SUM_PARTS):
         total += partial[part]
     return total
+
+
+@njit(cache=True, nogil=True)
+def move_sums(
+    x: np.ndarray, old_labels: np.ndarray, new_labels: np.ndarray, sums: np.ndarray
+) -> None:
+    """Updates :func:`cluster_sums` of ``old_labels`` in place to those of ``new_labels``:
+    only rows that changed cluster are read, which late in a fit is a small share of them.
+    The float64 sums then differ from a fresh sum by rounding far below float32 precision."""
+    n, d = x.shape
+    for i in range(n):
+        old, new = old_labels[i], new_labels[i]
+        if old != new:
+            row = x[i]
+            for j in range(d):
+                sums[old, j] -= row[j]
+                sums[new, j] += row[j]

@@ -293,3 +293,17 @@ def test_cluster_sums_match_numpy(n: int) -> None:
     expected = np.zeros((5, 7))
     np.add.at(expected, labels, x.astype(np.float64))
     assert np.allclose(kmeans.kernels.cluster_sums(x, labels, 5), expected, rtol=0, atol=1e-12)
+
+
+def test_move_sums_match_fresh_sums() -> None:
+    """Updating sums from the rows that changed cluster gives the sums of the new labels."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 6)).astype(np.float32)
+    old = rng.integers(0, 4, 500)
+    new = old.copy()
+    movers = rng.choice(500, 60, replace=False)
+    new[movers] = rng.integers(0, 4, 60)
+    sums = kmeans.kernels.cluster_sums(x, old, 4)
+    kmeans.kernels.move_sums(x, old, new, sums)
+    assert np.allclose(sums, kmeans.kernels.cluster_sums(x, new, 4), rtol=0, atol=1e-12)
+    assert not np.allclose(sums, kmeans.kernels.cluster_sums(x, old, 4), rtol=0, atol=1e-3)

@@ -54,10 +54,12 @@ def make_data(path: Path, n: int, dim: int, seed: int) -> None:
     out.flush()
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
+def _proc_bytes(path: str, field: str) -> int:
+    """A ``kB`` field of a /proc file (``VmRSS`` of /proc/self/status, ``MemAvailable`` of
+    /proc/meminfo), in bytes."""
+    with open(path) as lines:
+        for line in lines:
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -99,7 +101,7 @@ def worker(method: str, data: Path, k: int, iters: int, n: int | None) -> dict[s
 
     from coordinator.partition import kmeans
 
-    before = _rss_bytes()
+    before = _proc_bytes("/proc/self/status", "VmRSS")
     x = np.load(data)
     if n is not None:
         x = np.ascontiguousarray(x[:n])
@@ -203,14 +205,6 @@ def _bk_bytes(n: int, k: int, dim: int) -> int:
     return int(4.5 * n * k * dim * 4)
 
 
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def quality(ks: list[int], n: int, dim: int) -> None:
     from scipy.optimize import linear_sum_assignment
 
@@ -293,7 +287,9 @@ def main() -> None:
             for k in args.k:
                 # At the largest N (halving from --bk-n) that it handles in memory and time.
                 size = args.bk_n
-                while size // 2 >= 8 * k and _bk_bytes(size, k, args.dim) > _available_bytes():
+                while size // 2 >= 8 * k and _bk_bytes(size, k, args.dim) > _proc_bytes(
+                    "/proc/meminfo", "MemAvailable"
+                ):
                     print(
                         f"  balanced-kmeans K={k} N={size}: needs about "
                         f"{_bk_bytes(size, k, args.dim) / 2**30:.0f} GiB, more than is free"

@@ -523,6 +523,8 @@ def balanced_assignment(
             f"capacities must be {k} non-negative integers summing to {n}, got {capacities}"
         )
     similarity = np.ascontiguousarray(similarity, dtype=np.float32)
+    if k == 2:
+        return _two_way(similarity, int(capacities[0]))
     prices = np.zeros(k) if prices is None else np.asarray(prices, dtype=np.float64)
     priced = _priced_argmax(similarity, prices)
     labels = priced[0]
@@ -554,6 +556,23 @@ def balanced_assignment(
     return kernels.unit_shortest_paths(
         similarity, capacities, prices, labels, numba.get_num_threads()
     )
+
+
+def _two_way(similarity: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two clusters: the ``first`` rows that gain most from cluster 0 over cluster 1 take it,
+    which is optimal by exchange (one selection, no prices to search). The price of cluster 0
+    sits between the last row taken and the first row left, so the prices certify it."""
+    n = similarity.shape[0]
+    gain = similarity[:, 0].astype(np.float64) - similarity[:, 1]
+    labels = np.ones(n, dtype=np.int64)
+    if first == 0:
+        return labels, np.array([gain.max() + 1.0, 0.0])
+    if first == n:
+        return np.zeros(n, dtype=np.int64), np.array([gain.min() - 1.0, 0.0])
+    order = np.argpartition(-gain, first - 1)
+    labels[order[:first]] = 0
+    taken, left = gain[order[:first]].min(), gain[order[first:]].max()
+    return labels, np.array([(taken + left) / 2, 0.0])
 
 
 def _proportional(capacities: np.ndarray, size: int) -> np.ndarray:

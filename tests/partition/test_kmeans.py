@@ -307,3 +307,18 @@ def test_move_sums_match_fresh_sums() -> None:
     kmeans.kernels.move_sums(x, old, new, sums)
     assert np.allclose(sums, kmeans.kernels.cluster_sums(x, new, 4), rtol=0, atol=1e-12)
     assert not np.allclose(sums, kmeans.kernels.cluster_sums(x, old, 4), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("first", [0, 1, 37, 60, 61])
+def test_two_clusters_are_optimal_and_certified(first: int) -> None:
+    """K = 2 is one selection by gain: sizes exact, total equal to the LAP optimum, and the
+    returned prices leave every row in a best priced cluster (ties included)."""
+    rng = np.random.default_rng(first)
+    similarity = rng.uniform(-1, 1, (61, 2)).astype(np.float32)
+    similarity[:10] = np.round(similarity[:10], 1)  # tied gains at the boundary
+    capacities = np.array([first, 61 - first])
+    labels, prices = balanced_assignment(similarity, capacities)
+    assert np.bincount(labels, minlength=2).tolist() == capacities.tolist()
+    assert total(similarity, labels) >= lap_optimum(similarity, capacities) - 1e-5
+    values = similarity.astype(np.float64) - prices
+    assert np.all(values[np.arange(61), labels] >= values.max(axis=1) - 1e-9)

@@ -19,8 +19,10 @@ How the assignment step is solved (:func:`balanced_assignment`):
   method's dual update): each path moves one point per edge from an over-full cluster to one
   with room, and every point stays in a best priced cluster, so the result is optimal for its
   capacities (the tests compare against ``scipy.optimize.linear_sum_assignment``). Its inner
-  loops are compiled (:mod:`coordinator.partition.kmeans_kernels`) and keep the cheapest move
-  between every pair of clusters up to date incrementally.
+  loops are compiled (:mod:`coordinator.partition.kmeans_kernels`) and keep the few cheapest
+  moves between every pair of clusters up to date incrementally.
+* Two clusters need no prices search: the points that gain most from cluster 0 take it.
+* Centroid sums are updated from the points that changed cluster, not recomputed.
 * Similarities are computed block by block with one matrix multiply per block; the largest
   intermediate is the ``N x K`` similarity matrix, never an ``N x K x D`` tensor.
 * The two-stage coarse step, where a fine cluster of ``w`` points is one row of mass ``w``,

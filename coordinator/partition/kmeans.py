@@ -23,6 +23,9 @@ How the assignment step is solved (:func:`balanced_assignment`):
   moves between every pair of clusters up to date incrementally.
 * Two clusters need no prices search: the points that gain most from cluster 0 take it.
 * Centroid sums are updated from the points that changed cluster, not recomputed.
+* Lloyd iterations before the last stop after the Newton steps: every point is then in its
+  best priced cluster, the exact optimum for cluster sizes within a few points of balanced.
+  The last iteration (or the one where the assignment stops changing) is finished exactly.
 * Similarities are computed block by block with one matrix multiply per block; the largest
   intermediate is the ``N x K`` similarity matrix, never an ``N x K x D`` tensor.
 * The two-stage coarse step, where a fine cluster of ``w`` points is one row of mass ``w``,
@@ -504,6 +507,7 @@ def balanced_assignment(
     *,
     prices: np.ndarray | None = None,
     seed: int = 0,
+    exact: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Assigns every row to a cluster, with exact cluster sizes, maximising total similarity.
 
@@ -513,10 +517,13 @@ def balanced_assignment(
         prices: starting cluster prices (for example the previous Lloyd iteration's); any
             values are correct, good ones are fast. Default: zeros.
         seed: seeds the subsample used to settle prices that are far from right.
+        exact: False stops after the Newton steps (when N is large enough for them): every
+            row is then in its best priced cluster, the optimum for sizes within a few points
+            of ``capacities`` -- what an intermediate Lloyd iteration needs.
 
     Returns:
-        ``(labels, prices)``: ``N`` int64 cluster ids meeting the capacities exactly, and the
-        ``K`` float64 prices that certify them.
+        ``(labels, prices)``: ``N`` int64 cluster ids meeting the capacities exactly (unless
+        ``exact`` is False), and the ``K`` float64 prices that certify them.
     """
     n, k = similarity.shape
     capacities = balanced_sizes(n, k) if capacities is None else np.asarray(capacities, np.int64)
@@ -555,6 +562,8 @@ def balanced_assignment(
         prices, labels = _newton_prices(
             similarity, capacities, prices, target=_newton_target(n, k), priced=priced
         )
+        if not exact:
+            return labels, prices
     return kernels.unit_shortest_paths(
         similarity, capacities, prices, labels, numba.get_num_threads()
     )
@@ -673,10 +682,18 @@ def balanced_spherical_kmeans(
             torch.mm(
                 x_t[start : start + block_size], centroid_t.T, out=sim_t[start : start + block_size]
             )
+        # Iterations before the last are balanced to within the Newton steps' few points (each
+        # an optimum for its own sizes); the shortest-path finish makes the result exact.
+        last = iteration == max_iter
         new_labels, prices = balanced_assignment(
-            similarity, capacities, prices=prices, seed=seed + iteration
+            similarity, capacities, prices=prices, seed=seed + iteration, exact=last
         )
         changed = int((new_labels != labels).sum())
+        converged = changed <= tol * n
+        if converged and not last:
+            new_labels, prices = balanced_assignment(
+                similarity, capacities, prices=prices, seed=seed + iteration
+            )
         if sums is None or changed > n // _FRESH_SUMS:
             sums = kernels.cluster_sums(x, new_labels, num_clusters)
         else:  # most rows stayed put: only the movers are read
@@ -688,8 +705,7 @@ def balanced_spherical_kmeans(
         centroids = _normalised(torch.from_numpy(sums), centroids)
         if progress is not None:
             progress(iteration, objective)
-        if changed <= tol * n:
-            converged = True
+        if converged:
             break
     return KMeansResult(
         centroids=centroids,

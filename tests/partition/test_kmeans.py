@@ -322,3 +322,18 @@ def test_two_clusters_are_optimal_and_certified(first: int) -> None:
     assert total(similarity, labels) >= lap_optimum(similarity, capacities) - 1e-5
     values = similarity.astype(np.float64) - prices
     assert np.all(values[np.arange(61), labels] >= values.max(axis=1) - 1e-9)
+
+
+@pytest.mark.parametrize(("tol", "iterations"), [(1.0, 1), (-1.0, 3)])
+def test_result_is_exact_whether_it_converges_or_hits_the_cap(tol: float, iterations: int) -> None:
+    """Iterations before the last are only balanced to within Newton's few points (N here is
+    large enough for Newton): the iteration that converges, or the last, is finished
+    exactly, so the result's sizes differ by at most one either way."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6001, 8)).astype(np.float32)
+    x[:3000, 0] += 3.0  # uneven natural clusters, so balance has to be imposed
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    result = balanced_spherical_kmeans(x, 7, seed=1, max_iter=3, tol=tol)
+    assert result.iterations == iterations
+    assert result.converged == (tol > 0)
+    assert np.bincount(result.labels, minlength=7).tolist() == balanced_sizes(6001, 7).tolist()

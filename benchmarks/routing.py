@@ -29,9 +29,9 @@ the regime. Full experts share no weights: top-1 over a batch split between two 
 reads both experts' weights at every decoding step where dense reads one set. While decoding
 is bound by reading weights (small batches on a CPU whose caches do not hold the model; the
 same holds for HBM on a GPU), top-1 costs up to twice dense per token; once the batch makes
-decoding compute-bound the ratio reaches 1. On this 2-core CPU the small model is weight-bound
-at batch 8 (a decoding step's stacked ``bmm`` over two experts takes 1.7x the dense ``mm``)
-and compute-bound by batch 64.
+decoding compute-bound the ratio approaches 1. On this 2-core CPU the small model is
+weight-bound at batch 8 (a decoding step's stacked ``bmm`` over two experts took 1.7x the
+dense ``mm`` in a profile); at batch 64 runs gave ratios from 0.85 to 1.01.
 
     .venv/bin/python benchmarks/routing.py [--sizes tiny small] [--batch 8 64] [--experts 2]
         [--new-tokens 32] [--repeats 5] [--device cpu|cuda] [--threads N]

@@ -138,6 +138,10 @@ def shortest_path_tree(
 # 0.26 s against 0.81 s keeping only the cheapest; 0.32 s with 8).
 _MOVE_DEPTH = 4
 
+MoveLists = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Per pair of clusters ``(a, b)``: the cheapest moves' costs and rows (``K x K x depth``,
+sorted), how many are kept (``K x K``), and whether they are all of ``a``'s members."""
+
 
 @njit(cache=True, nogil=True)
 def _insert(costs: np.ndarray, rows: np.ndarray, length: int, cost: float, row: int) -> int:
@@ -161,13 +165,11 @@ def _rescan(
     count: np.ndarray,
     a: int,
     b: int,
-    cheap_cost: np.ndarray,
-    cheap_row: np.ndarray,
-    cheap_len: np.ndarray,
-    complete: np.ndarray,
+    lists: MoveLists,
 ) -> None:
     """The cheapest moves of members of cluster ``a`` into ``b``, price-free (``s_ia - s_ib``;
     the prices enter as ``- p_a + p_b`` in :func:`shortest_path_tree`)."""
+    cheap_cost, cheap_row, cheap_len, complete = lists
     depth = cheap_cost.shape[2]
     length = 0
     for j in range(count[a]):
@@ -184,16 +186,14 @@ def _first_moves(
     similarity: np.ndarray,
     labels: np.ndarray,
     count: np.ndarray,
-    cheap_cost: np.ndarray,
-    cheap_row: np.ndarray,
-    cheap_len: np.ndarray,
-    complete: np.ndarray,
+    lists: MoveLists,
     parts: int,
 ) -> None:
     """Every cluster's lists of cheapest moves, from scratch. Each of ``parts`` tasks (one per
     thread) reads the rows in memory order and keeps those of its own clusters
     (``a mod parts``), so no two tasks write the same list."""
     n, k = similarity.shape
+    cheap_cost, cheap_row, cheap_len, complete = lists
     depth = cheap_cost.shape[2]
     for part in prange(parts):
         # Below a full list's last cost a row cannot enter it: one vectorised pass per row
@@ -205,14 +205,6 @@ def _first_moves(
             if a % parts != part:
                 continue
             own = np.float64(similarity[i, a])
-            if depth == 1:
-                # The cheapest move only: a branch-free (vectorised) running minimum.
-                for b in range(k):
-                    cost = own - np.float64(similarity[i, b])
-                    better = cost < cheap_cost[a, b, 0]
-                    cheap_cost[a, b, 0] = cost if better else cheap_cost[a, b, 0]
-                    cheap_row[a, b, 0] = i if better else cheap_row[a, b, 0]
-                continue
             hits = 0
             for b in range(k):
                 costs[b] = own - np.float64(similarity[i, b])
@@ -230,8 +222,6 @@ def _first_moves(
         for a in range(part, k, parts):
             for b in range(k):
                 complete[a, b] = count[a] <= depth
-                if depth == 1:
-                    cheap_len[a, b] = 1 if count[a] > 0 and b != a else 0
 
 
 @njit(cache=True, nogil=True)
@@ -242,13 +232,11 @@ def _leave(
     position: np.ndarray,
     row: int,
     a: int,
-    cheap_cost: np.ndarray,
-    cheap_row: np.ndarray,
-    cheap_len: np.ndarray,
-    complete: np.ndarray,
+    lists: MoveLists,
 ) -> None:
     """Takes ``row`` out of cluster ``a`` and out of ``a``'s lists; a list it empties is
     rescanned (unless it held every member)."""
+    cheap_cost, cheap_row, cheap_len, complete = lists
     last = members[a, count[a] - 1]
     members[a, position[row]] = last
     position[last] = position[row]
@@ -262,9 +250,7 @@ def _leave(
                     cheap_row[a, b, m] = cheap_row[a, b, m + 1]
                 cheap_len[a, b] = length - 1
                 if length == 1 and not complete[a, b]:
-                    _rescan(
-                        similarity, members, count, a, b, cheap_cost, cheap_row, cheap_len, complete
-                    )
+                    _rescan(similarity, members, count, a, b, lists)
                 break
 
 
@@ -276,14 +262,12 @@ def _enter(
     position: np.ndarray,
     row: int,
     a: int,
-    cheap_cost: np.ndarray,
-    cheap_row: np.ndarray,
-    cheap_len: np.ndarray,
-    complete: np.ndarray,
+    lists: MoveLists,
 ) -> None:
     """Puts ``row`` into cluster ``a``. A list holds the cheapest moves of ``a``'s members and
     every member left out costs at least its last entry, so the row goes in if it is cheaper
     than that (or if the list holds every member)."""
+    cheap_cost, cheap_row, cheap_len, complete = lists
     depth = cheap_cost.shape[2]
     members[a, count[a]] = row
     position[row] = count[a]
@@ -347,11 +331,12 @@ def unit_shortest_paths(
         count[a] += 1
     # Shallower lists when K is large, so that they stay within 2**24 entries.
     depth = max(1, min(_MOVE_DEPTH, 2**24 // (k * k)))
-    cheap_cost = np.full((k, k, depth), np.inf)
+    cheap_cost = np.empty((k, k, depth))
     cheap_row = np.zeros((k, k, depth), dtype=np.int64)
     cheap_len = np.zeros((k, k), dtype=np.int64)
     complete = np.ones((k, k), dtype=np.bool_)
-    _first_moves(similarity, labels, count, cheap_cost, cheap_row, cheap_len, complete, threads)
+    lists = (cheap_cost, cheap_row, cheap_len, complete)
+    _first_moves(similarity, labels, count, lists, threads)
     move = np.empty((k, k))
     best_row = np.zeros((k, k), dtype=np.int64)
     # Per round (one Dijkstra), the paths taken must not share a tree edge or a row: a moved
@@ -394,9 +379,8 @@ def unit_shortest_paths(
             for e in range(length - 1, -1, -1):
                 node = path[e]
                 row = tree_row[node]
-                lists = (cheap_cost, cheap_row, cheap_len, complete)
-                _leave(similarity, members, count, position, row, parent[node], *lists)
-                _enter(similarity, members, count, position, row, node, *lists)
+                _leave(similarity, members, count, position, row, parent[node], lists)
+                _enter(similarity, members, count, position, row, node, lists)
                 labels[row] = node
             excess[v] -= 1
             excess[sink] += 1

@@ -162,20 +162,16 @@ class DenseModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_new_tokens = max_new_tokens
 
-    def _prompt(self, question: str, has_image: bool) -> str:
-        # The rendering of RoutedEnsemble.prompt_text, so both answer the same prompt.
-        content: list[dict[str, str]] = [{"type": "text", "text": question}]
-        if has_image:
-            content.insert(0, {"type": "image"})
-        text: str = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-        return text
-
     def __call__(self, images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
         import torch
 
-        texts = [self._prompt(q, i is not None) for i, q in zip(images, questions, strict=True)]
+        from ensemble.runtime import chat_prompt
+
+        # RoutedEnsemble.prompt_text's rendering, so dense and ensemble answer the same prompt.
+        texts = [
+            chat_prompt(self.processor, q, i is not None)
+            for i, q in zip(images, questions, strict=True)
+        ]
         pictures = [i for i in images if i is not None]
         if pictures:
             batch = self.processor(images=pictures, text=texts, padding=True, return_tensors="pt")

@@ -64,7 +64,14 @@ from protocol.ensemble_manifest import (
 )
 from protocol.errors import InvalidArgument, NotFound
 
-__all__ = ["ImageInput", "RoutedEnsemble", "RoutedGeneration", "Verifier", "load_centroids"]
+__all__ = [
+    "ImageInput",
+    "RoutedEnsemble",
+    "RoutedGeneration",
+    "Verifier",
+    "chat_prompt",
+    "load_centroids",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,18 @@ class RoutedGeneration:
     experts: list[list[int]]
     weights: list[list[float]]
     posteriors: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def chat_prompt(processor: Any, prompt: str, has_image: bool) -> str:
+    """``prompt`` as one user turn (after an image placeholder when there is an image) in the
+    processor's chat template, ready for generation."""
+    content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
+    if has_image:
+        content.insert(0, {"type": "image"})
+    text: str = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    return text
 
 
 def load_centroids(directory: Path, manifest: EnsembleManifest) -> torch.Tensor:
@@ -387,13 +406,7 @@ class RoutedEnsemble:
 
     def prompt_text(self, prompt: str, has_image: bool) -> str:
         """The chat-formatted prompt the experts were trained on, ready for generation."""
-        content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
-        if has_image:
-            content.insert(0, {"type": "image"})
-        text: str = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-        return text
+        return chat_prompt(self.processor, prompt, has_image)
 
     def encode_inputs(self, images: Sequence[Image.Image | None], prompts: Sequence[str]) -> Any:
         """The model inputs (left-padded ``input_ids``, ``attention_mask``, ``pixel_values``)

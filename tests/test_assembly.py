@@ -16,7 +16,7 @@ from assembly_helpers import Site, join, sign_and_upload, write_plan
 from conftest import FAST_FAIL
 
 from coordinator import enrolment
-from coordinator.assembly import AssemblyConfig, assemble
+from coordinator.assembly import AssemblyConfig, AssemblyResult, assemble
 from coordinator.audit import provenance_table
 from coordinator.cli import main as coordinator_main
 from coordinator.federation import init_federation
@@ -34,6 +34,7 @@ from protocol.errors import (
     VerificationFailed,
 )
 from protocol.exit_codes import ExitCode
+from protocol.identity import EnrolmentToken
 from protocol.messages import ArtifactRef
 from protocol.provenance import ENSEMBLE_STATEMENT_FILE
 from protocol.signing import SIGNATURE_FILE, verify_model
@@ -60,6 +61,20 @@ def sites(running: Any, tmp_path: Path) -> Any:
 def _accept(running: Any, site: Site, tmp: Path) -> None:
     result = sign_and_upload(running, site, tmp / f"upload-{site.name}-{time.monotonic_ns()}")
     assert result.accepted, result.reason
+
+
+def _published_with_reader(
+    running: Any, sites: list[Site], tmp: Path, reader: str
+) -> tuple[AssemblyResult, EnrolmentToken]:
+    """Every site's expert accepted, the ensemble assembled, and a reader invited:
+    ``(assembly result, the reader's enrolment token)``."""
+    for site in sites:
+        _accept(running, site, tmp)
+    result = assemble(running.state, running.coordinator.store, AssemblyConfig())
+    token = enrolment.invite(
+        running.coordinator.store, running.coordinator.ca, reader, 3600, role="reader"
+    )
+    return result, token
 
 
 def _kinds(running: Any) -> list[str]:
@@ -231,12 +246,7 @@ def test_verify_refuses_a_damaged_ensemble(running: Any, sites: list[Site], tmp_
 def test_reader_may_fetch_only_the_published_ensemble(
     running: Any, sites: list[Site], tmp_path: Path
 ) -> None:
-    for site in sites:
-        _accept(running, site, tmp_path)
-    result = assemble(running.state, running.coordinator.store, AssemblyConfig())
-    token = enrolment.invite(
-        running.coordinator.store, running.coordinator.ca, "carol", 3600, role="reader"
-    )
+    result, token = _published_with_reader(running, sites, tmp_path, "carol")
     workdir = Workdir(tmp_path / "reader")
     identity = enrol(workdir, running.address, str(token), running.enrol_address, retry=FAST_FAIL)
     assert identity.spiffe_id == "spiffe://testfed/reader/carol"
@@ -260,12 +270,7 @@ def test_reader_may_fetch_only_the_published_ensemble(
 def test_atoll_download_fetches_verifies_and_resumes(
     running: Any, sites: list[Site], tmp_path: Path
 ) -> None:
-    for site in sites:
-        _accept(running, site, tmp_path)
-    result = assemble(running.state, running.coordinator.store, AssemblyConfig())
-    token = enrolment.invite(
-        running.coordinator.store, running.coordinator.ca, "dora", 3600, role="reader"
-    )
+    result, token = _published_with_reader(running, sites, tmp_path, "dora")
     out = tmp_path / "downloaded"
     argv = ["download", "--coordinator", running.address, "--out", str(out)]
     argv += ["--enrol-address", running.enrol_address]

@@ -617,11 +617,6 @@ def _as_unit_rows(features: np.ndarray, what: str = "features") -> np.ndarray:
     return x
 
 
-def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> torch.Tensor:
-    """``K x D`` float64 sums of each cluster's rows (compiled: 3x torch's ``index_add_``)."""
-    return torch.from_numpy(kernels.cluster_sums(x, labels, k))
-
-
 def _normalised(sums: torch.Tensor, previous: np.ndarray) -> np.ndarray:
     norms = sums.norm(dim=1, keepdim=True)
     centroids = (sums / norms.clamp_min(1e-30)).to(torch.float32).numpy()
@@ -850,7 +845,7 @@ def two_stage_balanced_kmeans(
     _check_k(fine, num_clusters)
     fine_centroids, fine_labels = spherical_kmeans(x, fine, seed=seed, max_iter=fine_iter)
     x_t = torch.from_numpy(x)
-    sums = _cluster_sums(x, fine_labels, fine).numpy()
+    sums = kernels.cluster_sums(x, fine_labels, fine)
     mass = np.bincount(fine_labels, minlength=fine).astype(np.float64)
     used = np.flatnonzero(mass > 0)  # faiss may leave a fine cluster without nearest points
     if used.size < num_clusters:

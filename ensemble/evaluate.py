@@ -53,7 +53,13 @@ IMAGE_TAG = "<image>"
 OVERALL = "all"
 
 Answerer = Callable[[Sequence[Image.Image | None], Sequence[str]], list[str]]
-"""Answers a batch: one image (or None) and one question per sample."""
+"""Answers a window of questions (one image or None, one question per sample), in batches of
+its own size."""
+
+# Questions handed to each system at once, in batches: a routed ensemble fills its batches
+# with one expert's questions from a window (see ensemble.scheduling), so a wider window
+# leaves fewer batches split between experts.
+WINDOW_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,11 @@ class DenseModel:
     experts get."""
 
     def __init__(
-        self, directory: Path, device: str | None = None, max_new_tokens: int = 32
+        self,
+        directory: Path,
+        device: str | None = None,
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
     ) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -161,8 +171,17 @@ class DenseModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
 
     def __call__(self, images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
+        step = self.batch_size
+        return [
+            answer
+            for start in range(0, len(questions), step)
+            for answer in self._batch(images[start : start + step], questions[start : start + step])
+        ]
+
+    def _batch(self, images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
         import torch
 
         from ensemble.runtime import chat_prompt
@@ -247,20 +266,21 @@ def evaluate(
     systems: dict[str, Answerer],
     metric: str,
     *,
-    batch_size: int = 16,
+    window: int = 16 * WINDOW_BATCHES,
     progress: bool = False,
 ) -> EvalReport:
-    """Answers every sample with every system, in batches, and scores the answers.
+    """Answers every sample with every system, ``window`` questions at a time, and scores
+    the answers.
 
     Raises:
-        InvalidArgument: an unknown metric or a batch size below 1.
+        InvalidArgument: an unknown metric or a window below 1.
     """
     from ensemble.router import open_image
 
     if metric not in METRICS:
         raise InvalidArgument(f"--metric: expected one of {', '.join(METRICS)}, got {metric!r}")
-    if batch_size < 1:
-        raise InvalidArgument(f"--batch-size: expected >= 1, got {batch_size}")
+    if window < 1:
+        raise InvalidArgument(f"window: expected >= 1 questions, got {window}")
     groups: dict[tuple[str, str], int] = {}
     for sample in samples:
         for key in _group_keys(sample):
@@ -273,8 +293,8 @@ def evaluate(
     predictions: dict[str, list[str]] = {name: [] for name in systems}
     with Progress(disable=not progress, transient=True) as bar:
         tasks = {name: bar.add_task(f"[cyan]{name}", total=len(samples)) for name in systems}
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
+        for start in range(0, len(samples), window):
+            chunk = samples[start : start + window]
             images = [None if s.image is None else open_image(s.image) for s in chunk]
             questions = [s.question for s in chunk]
             for name, answer in systems.items():
@@ -320,7 +340,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense", help="a dense model directory to score side by side")
     parser.add_argument("--top-k", type=int, help="also score the ensemble mixing N experts")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per batch")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="most rows of one model call (questions per batch)",
+    )
     parser.add_argument("--trust", help="federation CA (PEM): check signatures, not only digests")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     parser.add_argument("--json", action="store_true", help="print scores and answers as JSON")
@@ -332,6 +357,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise InvalidArgument(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise InvalidArgument(f"--batch-size: expected >= 1, got {args.batch_size}")
     samples = load_eval_data(Path(args.data), Path(args.image_root))
     trust = None
     if args.trust:
@@ -346,7 +373,9 @@ def run(args: argparse.Namespace) -> int:
 
     def routed(top_k: int) -> Answerer:
         def answer(images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
-            return ensemble.generate(images, questions, tokens, top_k=top_k)
+            return ensemble.generate(
+                images, questions, tokens, top_k=top_k, batch_size=args.batch_size
+            )
 
         return answer
 
@@ -355,12 +384,12 @@ def run(args: argparse.Namespace) -> int:
         ensemble.router._check_top_k(args.top_k)
         systems[f"ensemble top-{args.top_k}"] = routed(args.top_k)
     if args.dense:
-        systems["dense"] = DenseModel(Path(args.dense), args.device, tokens)
+        systems["dense"] = DenseModel(Path(args.dense), args.device, tokens, args.batch_size)
     report = evaluate(
         samples,
         systems,
         args.metric,
-        batch_size=args.batch_size,
+        window=args.batch_size * WINDOW_BATCHES,
         progress=sys.stderr.isatty(),
     )
     if args.json:

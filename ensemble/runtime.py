@@ -54,6 +54,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ensemble.router import Router, Routing, load_feature_model, open_image
+from ensemble.scheduling import batches
 from ensemble.shared_tower import SharedTower, take_rows
 from ensemble.stacked_experts import StackedExperts, runs, vision_tower
 from protocol.ensemble_manifest import (
@@ -423,13 +424,26 @@ class RoutedEnsemble:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def route_images(self, images: Sequence[Image.Image], top_k: int | None = None) -> Routing:
-        """The router's decision for a batch of images."""
+    def route_images(
+        self,
+        images: Sequence[Image.Image],
+        top_k: int | None = None,
+        batch_size: int | None = None,
+    ) -> Routing:
+        """The router's decision for images, encoded ``batch_size`` at a time (default: all
+        at once)."""
         if self.shared_tower is not None:
             pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
-            features, _ = self.shared_tower.encode(pixels["pixel_values"].to(self.device))
+            features, _ = self.shared_tower.encode(
+                pixels["pixel_values"].to(self.device), batch_size
+            )
             return self.router.route(features, top_k)
-        return self.router.route(self.feature_model.encode_images(images), top_k)
+        step = batch_size or max(1, len(images))
+        parts = [
+            self.feature_model.encode_images(images[start : start + step])
+            for start in range(0, len(images), step)
+        ]
+        return self.router.route(torch.cat(parts), top_k)
 
     def _static_routes(
         self,
@@ -437,6 +451,7 @@ class RoutedEnsemble:
         prompts: Sequence[str],
         top_k: int,
         strategy: TextOnlyStrategy,
+        batch_size: int | None,
     ) -> list[tuple[list[int], list[float]] | None]:
         """Per sample: (experts, weights), or None where the posterior decides per token."""
         routes: list[tuple[list[int], list[float]] | None] = [None] * len(prompts)
@@ -445,11 +460,12 @@ class RoutedEnsemble:
             if self.shared_tower is not None and batch.one_row_per_image:
                 # One pass of the tower: routed from here, handed to the experts later.
                 features, batch.tower_output = self.shared_tower.encode(
-                    batch.inputs["pixel_values"]
+                    batch.inputs["pixel_values"], batch_size
                 )
                 routing = self.router.route(features, top_k)
             else:
-                routing = self.route_images([batch.pictures[i] for i in with_image], top_k)  # type: ignore[misc]
+                pictures = [batch.pictures[i] for i in with_image]
+                routing = self.route_images(pictures, top_k, batch_size)  # type: ignore[arg-type]
             for row, i in enumerate(with_image):
                 routes[i] = (routing.experts[row].tolist(), routing.weights[row].tolist())
         text_only = [i for i, has in enumerate(batch.has_image) if not has]
@@ -483,6 +499,7 @@ class RoutedEnsemble:
         do_sample: bool = False,
         temperature: float = 1.0,
         seed: int | None = None,
+        batch_size: int | None = None,
     ) -> list[str]:
         """Answers a batch of prompts; see :meth:`generate_tokens` for the arguments."""
         return self.generate_tokens(
@@ -494,6 +511,7 @@ class RoutedEnsemble:
             do_sample=do_sample,
             temperature=temperature,
             seed=seed,
+            batch_size=batch_size,
         ).texts
 
     def generate_tokens(
@@ -507,6 +525,7 @@ class RoutedEnsemble:
         do_sample: bool = False,
         temperature: float = 1.0,
         seed: int | None = None,
+        batch_size: int | None = None,
     ) -> RoutedGeneration:
         """Answers a batch of prompts, with the tokens and routing of each.
 
@@ -519,10 +538,16 @@ class RoutedEnsemble:
             do_sample: Sample instead of greedy decoding.
             temperature: Sampling temperature (> 0), applied to the mixture.
             seed: Makes sampling reproducible.
+            batch_size: Most rows of one model call (a sample mixing ``k`` experts takes
+                ``k``); default: every sample in one call. Given many prompts at once, the
+                samples of one expert (or set of experts) fill calls of their own, so each
+                call reads one expert's weights, as a dense model's batch does
+                (:func:`ensemble.scheduling.batches`). The prompts are encoded together:
+                pass a few hundred at a time.
 
         Raises:
-            InvalidArgument: mismatched lengths, a bad ``top_k``/``text_only``/``temperature``,
-                an undecodable image.
+            InvalidArgument: mismatched lengths, a bad ``top_k``/``text_only``/``temperature``/
+                ``batch_size``, an undecodable image.
             NotFound: an image file that does not exist.
         """
         if len(images) != len(prompts):
@@ -531,6 +556,8 @@ class RoutedEnsemble:
             raise InvalidArgument(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
         if do_sample and not temperature > 0:
             raise InvalidArgument(f"temperature: expected > 0, got {temperature}")
+        if batch_size is not None and batch_size < 1:
+            raise InvalidArgument(f"batch_size: expected >= 1, got {batch_size}")
         k = self.router._check_top_k(self.manifest.router.top_k if top_k is None else top_k)
         strategy = self._strategy(text_only)
         if strategy is TextOnlyStrategy.CLIP_TEXT and not hasattr(
@@ -541,7 +568,7 @@ class RoutedEnsemble:
             raise InvalidArgument("images: a causal-lm ensemble answers text-only prompts")
         pictures = [None if image is None else open_image(image) for image in images]
         batch = _Batch(self, pictures, prompts)
-        routes = self._static_routes(batch, prompts, k, strategy)
+        routes = self._static_routes(batch, prompts, k, strategy, batch_size)
         sampling = _Sampling(do_sample, temperature, seed)
 
         n = len(prompts)
@@ -555,23 +582,25 @@ class RoutedEnsemble:
         for i in single + mixed:
             experts[i], weights[i] = routes[i]  # type: ignore[misc]
         with self._handing_tower(batch), torch.inference_mode():
-            if single:
-                chosen = {i: experts[i][0] for i in single}
-                for i, ids in self._top1(batch, chosen, max_new_tokens, sampling).items():
+            # A call's position among its kind's calls seeds its sampling apart.
+            for call, samples in enumerate(_calls(single, experts, batch_size)):
+                chosen = {i: experts[i][0] for i in samples}
+                for i, ids in self._top1(batch, chosen, max_new_tokens, sampling, call).items():
                     token_ids[i] = ids
-            if mixed:
-                plan = {i: (experts[i], weights[i]) for i in mixed}
-                result = self._lockstep(batch, plan, k, max_new_tokens, sampling, False)
-                for i in mixed:
+            for call, samples in enumerate(_calls(mixed, experts, batch_size)):
+                plan = {i: (experts[i], weights[i]) for i in samples}
+                result = self._lockstep(batch, plan, k, max_new_tokens, sampling, False, call)
+                for i in samples:
                     token_ids[i] = result[i][0]
-            if dynamic:
-                present = self.manifest.present_experts
-                prior = torch.softmax(self.log_priors[present], dim=0).tolist()
-                plan = {i: (present, prior) for i in dynamic}
-                result = self._lockstep(batch, plan, k, max_new_tokens, sampling, True)
-                for i in dynamic:
+            present = self.manifest.present_experts
+            prior = torch.softmax(self.log_priors[present], dim=0).tolist()
+            for i in dynamic:
+                experts[i], weights[i] = present, prior
+            for call, samples in enumerate(_calls(dynamic, experts, batch_size)):
+                plan = {i: (present, prior) for i in samples}
+                result = self._lockstep(batch, plan, k, max_new_tokens, sampling, True, call)
+                for i in samples:
                     token_ids[i], posteriors[i] = result[i]
-                    experts[i], weights[i] = present, prior
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return RoutedGeneration(texts, token_ids, experts, weights, posteriors)
 
@@ -604,6 +633,7 @@ class RoutedEnsemble:
         chosen: dict[int, int],
         max_new_tokens: int,
         sampling: _Sampling,
+        call: int,
     ) -> dict[int, list[int]]:
         """Top-1: the samples grouped by expert, each unit one batched ``generate`` (one for
         the whole batch when the experts stack or are LoRA adapters over one base)."""
@@ -618,7 +648,7 @@ class RoutedEnsemble:
             inputs = batch.select(members)
             with torch.random.fork_rng(devices=_rng_devices(self.device)):
                 if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed + unit.start)
+                    torch.manual_seed(_call_seed(sampling.seed, call) + unit.start)
                 output = unit(
                     "generate",
                     **inputs,
@@ -639,6 +669,7 @@ class RoutedEnsemble:
         max_new_tokens: int,
         sampling: _Sampling,
         posterior: bool,
+        call: int,
     ) -> dict[int, tuple[list[int], torch.Tensor | None]]:
         """Top-k > 1 and the posterior: experts step together, each with its own KV cache over
         the samples routed to it, and the next token comes from the mixture.
@@ -687,7 +718,7 @@ class RoutedEnsemble:
         finished = torch.zeros(len(samples), dtype=torch.bool, device=self.device)
         everyone = torch.arange(len(samples), device=self.device)
         chosen_tokens: list[torch.Tensor] = []
-        generator = sampling.generator(self.device)
+        generator = sampling.generator(self.device, call)
         for position in range(max_new_tokens):
             mix = _top_k_renormalised(log_weights, top_k) if posterior else log_weights
             mixed = torch.logsumexp(mix[:, :, None] + log_probs, dim=1)
@@ -779,10 +810,10 @@ class _Sampling:
     temperature: float
     seed: int | None
 
-    def generator(self, device: torch.device) -> torch.Generator:
+    def generator(self, device: torch.device, call: int) -> torch.Generator:
         generator = torch.Generator(device=device)
         if self.seed is not None:
-            generator.manual_seed(self.seed)
+            generator.manual_seed(_call_seed(self.seed, call))
         else:
             generator.seed()
         return generator
@@ -792,6 +823,18 @@ class _Sampling:
             return log_probs.argmax(dim=-1)
         probabilities = torch.softmax(log_probs / self.temperature, dim=-1)
         return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+
+
+def _call_seed(seed: int, call: int) -> int:
+    # Call 0 keeps the seed itself: one call of every sample samples as it always did.
+    return seed + 1_000_003 * call
+
+
+def _calls(samples: list[int], experts: list[list[int]], batch_size: int | None) -> list[list[int]]:
+    """``samples`` split into model calls of at most ``batch_size`` rows (one row per expert
+    a sample runs through), by their experts."""
+    routes = [tuple(sorted(experts[i])) for i in samples]
+    return [[samples[p] for p in call] for call in batches(routes, batch_size)]
 
 
 def _rng_devices(device: torch.device) -> list[int]:

@@ -48,16 +48,26 @@ class HandedOutputs(Protocol):
 
 def take_rows(output: Any, rows: torch.Tensor) -> Any:
     """A vision tower output restricted to ``rows`` (hidden states it did not keep stay None)."""
+    return _combined([output], lambda tensors: tensors[0][rows])
+
+
+def _combined(outputs: list[Any], combine: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
+    """One vision tower output whose every tensor is ``combine`` of the outputs' tensors."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor[rows]
+    def field(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+        present = [t for t in tensors if t is not None]
+        return combine(present) if len(present) == len(tensors) else None
 
-    hidden = output.hidden_states
+    first = outputs[0].hidden_states
+    hidden = None
+    if first is not None:
+        layers = [output.hidden_states for output in outputs]
+        hidden = tuple(field([layer[i] for layer in layers]) for i in range(len(first)))
     return BaseModelOutputWithPooling(
-        last_hidden_state=take(output.last_hidden_state),
-        pooler_output=take(output.pooler_output),
-        hidden_states=None if hidden is None else tuple(take(h) for h in hidden),
+        last_hidden_state=field([output.last_hidden_state for output in outputs]),
+        pooler_output=field([output.pooler_output for output in outputs]),
+        hidden_states=hidden,
     )
 
 
@@ -128,12 +138,22 @@ class SharedTower:
             return None
         return cls(towers, clip.visual_projection, json.loads(layers.pop()))
 
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Unit-norm router features and the tower's output (as LLaVA asks for it)."""
+    def encode(
+        self, pixels: torch.Tensor, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Unit-norm router features and the tower's output (as LLaVA asks for it), the
+        tower running ``batch_size`` images at a time (default: all at once)."""
+        step = batch_size or max(1, len(pixels))
         with torch.inference_mode():
-            output = self.towers[0](
-                pixels, output_hidden_states=self.feature_layer, return_dict=True
-            )
+            outputs = [
+                self.towers[0](
+                    pixels[start : start + step],
+                    output_hidden_states=self.feature_layer,
+                    return_dict=True,
+                )
+                for start in range(0, len(pixels), step)
+            ]
+            output = outputs[0] if len(outputs) == 1 else _combined(outputs, torch.cat)
             weight = self.projection.weight
             pooled = output.pooler_output.to(weight.device, weight.dtype)
             features = self.projection(pooled).float()

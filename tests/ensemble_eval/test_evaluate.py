@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from ensemble_runtime.test_batching import counting_forwards
 from PIL import Image
 
 from ensemble.cli import main as atoll_main
@@ -83,7 +84,7 @@ def test_scores_per_benchmark_and_task() -> None:
     def system(images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
         return next(answers)
 
-    report = evaluate(samples, {"fake": system}, "relaxed", batch_size=4)
+    report = evaluate(samples, {"fake": system}, "relaxed", window=4)
     assert list(report.groups) == [
         ("charts", "all"),
         ("colours", "all"),
@@ -140,9 +141,15 @@ def test_dense_answers_like_its_expert(ensemble_dir: Path, benchmark: tuple[Path
     dense = DenseModel(ensemble_dir / expert_path(0), "cpu", max_new_tokens=4)
     ensemble = RoutedEnsemble.from_pretrained(ensemble_dir, device="cpu")
     questions = [s.question for s in samples]
-    assert dense(pictures, questions) == [
-        a.strip() for a in ensemble.generate(pictures, questions, 4, top_k=1)
-    ]
+    answers = [a.strip() for a in ensemble.generate(pictures, questions, 4, top_k=1)]
+    assert dense(pictures, questions) == answers
+    dense.batch_size = 1
+    with counting_forwards([dense.model]) as calls:
+        assert dense(pictures, questions) == answers
+    with counting_forwards([dense.model]) as one_call:
+        dense.batch_size = 2
+        dense(pictures, questions)
+    assert calls[0] > one_call[0]  # a question a batch: more, smaller calls
 
 
 def test_table_and_errors(

@@ -93,6 +93,24 @@ def test_shared_answers_equal_unshared(shared: RoutedEnsemble, top_k: int) -> No
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b))
 
 
+def test_tower_passes_of_a_few_images_at_a_time(shared: RoutedEnsemble) -> None:
+    images = [*IMAGES, None]
+    prompts = [PROMPT, PROMPT, "Describe it.", "Hello"]
+    expected = shared.generate_tokens(images, prompts, max_new_tokens=6)
+    with counting_forwards(_tower_passes(shared)) as passes:
+        result = shared.generate_tokens(images, prompts, max_new_tokens=6, batch_size=2)
+    assert sum(passes) == 2  # three images, two at a time; none again for the experts
+    assert result.token_ids == expected.token_ids and result.experts == expected.experts
+    pixels = shared.processor.image_processor(images=IMAGES, return_tensors="pt")
+    assert shared.shared_tower is not None
+    whole, output = shared.shared_tower.encode(pixels["pixel_values"])
+    parts, joined = shared.shared_tower.encode(pixels["pixel_values"], 2)
+    torch.testing.assert_close(parts, whole)
+    layer = shared.shared_tower.feature_layer
+    torch.testing.assert_close(joined.hidden_states[layer], output.hidden_states[layer])
+    assert joined.hidden_states[layer].shape[0] == len(IMAGES)
+
+
 def test_routing_features_are_the_routers_own(shared: RoutedEnsemble) -> None:
     own = shared.feature_model.encode_images(IMAGES)
     pixels = shared.processor.image_processor(images=IMAGES, return_tensors="pt")

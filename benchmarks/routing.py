@@ -1,18 +1,24 @@
-"""Routed ensemble vs. one dense model of the same architecture, on the same batch.
+"""Routed ensemble vs. one dense model of the same architecture, on the same requests.
 
 Builds K-expert ensemble directories of tiny LLaVA experts (the test suite's builder,
 ``tests/ensemble_runtime/builders.py``) at two sizes -- ``tiny`` (``configs/tiny-cpu.yaml``)
 and ``small`` (hidden 256, 4 layers, 64 px images) -- in two router set-ups: ``shared`` (the
 experts keep one frozen CLIP vision tower, as LLaVA trains, and the plan's encoder is CLIP on
 that tower, so the router shares it) and ``separate`` (the plan's tiny open_clip model, a
-second encoder pass). It times, side by side and alternating so that drift cancels:
+second encoder pass). The requests (``--requests``, default 512) are pictures of random kinds,
+so the split between experts is what chance gives. Each ``--batch`` size B (default 8 and 64)
+is measured on its own; side by side and alternating, so that drift cancels, it times:
 
-* dense: expert 0's own ``generate`` on the whole batch, with the preprocessing (chat
-  template, processor) and decoding a user of one dense model does (the anchor);
-* top-1: ``RoutedEnsemble.generate`` with top-k 1, shared router (the batch grouped by
-  expert: one stacked model call per step) and, as ``top1_separate``, with the open_clip
-  router;
-* top-2: lock-step mixing of two experts with their own KV caches (shared router);
+* dense: expert 0's own ``generate`` on each batch of B requests, with the preprocessing
+  (chat template, processor) and decoding a user of one dense model does (the anchor);
+* top-1: one ``RoutedEnsemble.generate_tokens(requests, batch_size=B)`` call with the shared
+  router -- as ``atoll eval`` runs a window of questions: each expert's requests fill batches
+  of their own, and only the remainders share a (stacked) batch (``ensemble.scheduling``);
+  ``top1_separate``: the same with the open_clip router;
+* top-1, each batch split: ``generate_tokens`` on each batch of B as it comes, its rows
+  grouped by expert into one stacked call per step (what a caller who hands the ensemble
+  one batch at a time gets);
+* top-2: lock-step mixing of two experts with their own KV caches, B requests a call;
 * the router's own work: with the shared tower, what routing adds to the pass the experts
   need anyway (projection of the pooled CLS token, cosine, softmax, top-k); with the
   separate router, its whole encoder pass and routing.
@@ -24,17 +30,15 @@ under 1%), top-2/dense cost (target <= 2.1x). ``--clock cpu`` times process CPU 
 of wall time: with ``--threads 1`` it counts the work done and not the waiting, which is what
 a machine shared with other jobs can measure.
 
-Each size runs at every ``--batch`` (default 8 and 64), because the top-1 ratio depends on
-the regime. Full experts share no weights: top-1 over a batch split between two experts
-reads both experts' weights at every decoding step where dense reads one set. While decoding
-is bound by reading weights (small batches on a CPU whose caches do not hold the model; the
-same holds for HBM on a GPU), top-1 costs up to twice dense per token; once the batch makes
-decoding compute-bound the ratio approaches 1. On this 2-core CPU the small model is
-weight-bound at batch 8 (a decoding step's stacked ``bmm`` over two experts took 1.7x the
-dense ``mm`` in a profile); at batch 64 runs gave ratios from 0.85 to 1.01.
+Why the schedule matters: full experts share no weights, so a batch split between two
+experts reads both experts' weights at every decoding step where dense reads one set. While
+decoding is bound by reading weights (small batches on a CPU whose caches do not hold the
+model; the same holds for HBM on a GPU), a split batch costs up to twice a dense one per
+token -- the "each batch split" row at batch 8. Filling batches per expert leaves about one
+batch in two experts' remainders per window, so top-1 approaches dense as the window grows.
 
     .venv/bin/python benchmarks/routing.py [--sizes tiny small] [--batch 8 64] [--experts 2]
-        [--new-tokens 32] [--repeats 5] [--device cpu|cuda] [--threads N]
+        [--requests 512] [--new-tokens 32] [--repeats 5] [--device cpu|cuda] [--threads N]
         [--clock wall|cpu] [--json]
 """
 
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -61,6 +66,7 @@ from ensemble_runtime.builders import (  # type: ignore[import-not-found]  # noq
 )
 
 from ensemble.runtime import RoutedEnsemble  # noqa: E402
+from ensemble.scheduling import batches  # noqa: E402
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {},
@@ -127,37 +133,53 @@ def bench_batch(
     assert shared_tower is not None, "the shared-encoder ensemble did not share its tower"
     device = ensemble.device
     kinds = list(KINDS)
-    images = [picture(kinds[i % len(kinds)], i % 5) for i in range(batch)]
-    prompts = [PROMPT] * batch
+    # Requests of random kinds, so the split between experts is what chance gives.
+    draw = random.Random(f"{name}-{batch}")
+    requests = -(-args.requests // batch) * batch  # whole batches for the dense model
+    images = [picture(draw.choice(kinds), draw.randrange(5)) for _ in range(requests)]
+    prompts = [PROMPT] * requests
+    chunks = [slice(start, start + batch) for start in range(0, requests, batch)]
     dense_model = ensemble.experts.model(0)
     tokenizer = ensemble.tokenizer
     eos = tokenizer.eos_token_id
 
     def dense() -> int:
-        inputs = ensemble.encode_inputs(images, prompts)
-        with torch.inference_mode():
-            output = dense_model.generate(  # type: ignore[operator]
-                **inputs,
-                max_new_tokens=args.new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        rows = [
-            row[: row.index(eos)] if eos in row else row
-            for row in output[:, inputs["input_ids"].shape[1] :].tolist()
-        ]
-        tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return sum(len(row) for row in rows)
+        tokens = 0
+        for chunk in chunks:
+            inputs = ensemble.encode_inputs(images[chunk], prompts[chunk])
+            with torch.inference_mode():
+                output = dense_model.generate(  # type: ignore[operator]
+                    **inputs,
+                    max_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            rows = [
+                row[: row.index(eos)] if eos in row else row
+                for row in output[:, inputs["input_ids"].shape[1] :].tolist()
+            ]
+            tokenizer.batch_decode(rows, skip_special_tokens=True)
+            tokens += sum(len(row) for row in rows)
+        return tokens
 
     def routed(model: RoutedEnsemble, top_k: int) -> Callable[[], int]:
         def run() -> int:
-            result = model.generate_tokens(images, prompts, args.new_tokens, top_k=top_k)
+            result = model.generate_tokens(
+                images, prompts, args.new_tokens, top_k=top_k, batch_size=batch * top_k
+            )
             return sum(len(ids) for ids in result.token_ids)
 
         return run
 
+    def split() -> int:
+        tokens = 0
+        for chunk in chunks:
+            result = ensemble.generate_tokens(images[chunk], prompts[chunk], args.new_tokens)
+            tokens += sum(len(ids) for ids in result.token_ids)
+        return tokens
+
     pixels = ensemble.encode_inputs(images, prompts)["pixel_values"]
-    _, tower_output = shared_tower.encode(pixels)
+    _, tower_output = shared_tower.encode(pixels, batch)
     pooled = tower_output.pooler_output
 
     def router_shared() -> int:
@@ -167,12 +189,13 @@ def bench_batch(
         return 0
 
     def router_separate() -> int:
-        separate.route_images(images)
+        separate.route_images(images, batch_size=batch)
         return 0
 
     modes: dict[str, Callable[[], int]] = {
         "dense": dense,
         "top1": routed(ensemble, 1),
+        "top1_split": split,
         "top1_separate": routed(separate, 1),
         "top2": routed(ensemble, min(2, args.experts)),
         "router_shared": router_shared,
@@ -186,18 +209,24 @@ def bench_batch(
         order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
         for mode_name in order:
             runs[mode_name].append(_timed(modes[mode_name], device, clock))
-    generating = ("dense", "top1", "top1_separate", "top2")
+    generating = ("dense", "top1", "top1_split", "top1_separate", "top2")
     rate = {m: max(t / s for s, t in runs[m]) for m in generating}
     best = {m: min(s for s, _ in runs[m]) for m in modes}
+    chosen = [int(e) for e in ensemble.route_images(images, batch_size=batch).experts[:, 0]]
+    calls = batches([(e,) for e in chosen], batch)
     return {
         "size": name,
         "experts": args.experts,
         "batch": batch,
+        "requests": requests,
         "clock": args.clock,
-        "groups_top1": len({int(e) for e in ensemble.route_images(images).experts[:, 0]}),
+        "per_expert": [chosen.count(e) for e in range(args.experts)],
+        "top1_calls": len(calls),
+        "top1_shared_calls": sum(len({chosen[i] for i in call}) > 1 for call in calls),
         "tokens": {m: runs[m][0][1] for m in generating},
         "tokens_per_s": rate,
         "top1_vs_dense": rate["top1"] / rate["dense"],
+        "top1_split_vs_dense": rate["top1_split"] / rate["dense"],
         "top1_separate_vs_dense": rate["top1_separate"] / rate["dense"],
         "router_share_of_top1": best["router_shared"] / best["top1"],
         "separate_router_share_of_top1": best["router_separate"] / best["top1_separate"],
@@ -214,6 +243,12 @@ def main() -> int:
         nargs="+",
         default=[8, 64],
         help="batch sizes, each measured on its own (default: 8 and 64)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=512,
+        help="requests per run (rounded up to whole batches): one generate call for the ensemble",
     )
     parser.add_argument("--experts", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -242,16 +277,21 @@ def main() -> int:
     for r in reports:
         rates = r["tokens_per_s"]
         print(
-            f"{r['size']:>6} batch {r['batch']:3d}: dense {rates['dense']:8.1f} tok/s | top-1 {rates['top1']:8.1f} "
-            f"tok/s ({r['groups_top1']} groups), ratio {r['top1_vs_dense']:.3f} (target >= 0.95) "
-            f"| router share {100 * r['router_share_of_top1']:.2f}% (shared tower, target < 1%) "
-            f"| top-2 {rates['top2']:8.1f} tok/s, cost {r['top2_cost_vs_dense']:.2f}x dense "
-            "(target <= 2.1)"
+            f"{r['size']:>6} batch {r['batch']:3d}, {r['requests']} requests "
+            f"(per expert {r['per_expert']}; top-1 in {r['top1_calls']} calls, "
+            f"{r['top1_shared_calls']} shared by experts)"
         )
         print(
-            f"{'':>16}  separate open_clip router: top-1 {rates['top1_separate']:8.1f} tok/s, "
-            f"ratio {r['top1_separate_vs_dense']:.3f}, router share "
-            f"{100 * r['separate_router_share_of_top1']:.2f}%"
+            f"{'':>8}dense {rates['dense']:8.1f} tok/s | top-1 {rates['top1']:8.1f} tok/s, ratio "
+            f"{r['top1_vs_dense']:.3f} (target >= 0.95) | router share "
+            f"{100 * r['router_share_of_top1']:.2f}% (shared tower, target < 1%) | top-2 "
+            f"{rates['top2']:8.1f} tok/s, cost {r['top2_cost_vs_dense']:.2f}x dense (target <= 2.1)"
+        )
+        print(
+            f"{'':>8}each batch split between experts: top-1 {rates['top1_split']:8.1f} tok/s, "
+            f"ratio {r['top1_split_vs_dense']:.3f} | separate open_clip router: top-1 "
+            f"{rates['top1_separate']:8.1f} tok/s, ratio {r['top1_separate_vs_dense']:.3f}, "
+            f"router share {100 * r['separate_router_share_of_top1']:.2f}%"
         )
     return 0
 

@@ -14,7 +14,11 @@ is measured on its own; side by side and alternating, so that drift cancels, it 
 * top-1: one ``RoutedEnsemble.generate_tokens(requests, batch_size=B)`` call with the shared
   router -- as ``atoll eval`` runs a window of questions: each expert's requests fill batches
   of their own, and only the remainders share a (stacked) batch (``ensemble.scheduling``);
-  ``top1_separate``: the same with the open_clip router;
+  ``top1_separate``: the same with the open_clip router; ``top1_lora``: the same with LoRA
+  experts (rank 4, attention and MLP projections) over one base, each batch of one expert
+  run with its adapter active, against ``dense_lora``: the base with expert 0's adapter, as
+  one LoRA-tuned model runs unmerged (the adapters' own cost is in that anchor, not in the
+  ratio; the row also prints it against dense);
 * top-1, each batch split: ``generate_tokens`` on each batch of B as it comes, its rows
   grouped by expert into one stacked call per step (what a caller who hands the ensemble
   one batch at a time gets);
@@ -106,29 +110,26 @@ def bench_size(name: str, args: argparse.Namespace, workdir: Path) -> list[dict[
     """One report per batch size in ``args.batch``, from one pair of ensembles."""
     seeds = tuple(range(11, 11 + args.experts))
     ensembles = {
-        router: RoutedEnsemble.from_pretrained(
+        kind: RoutedEnsemble.from_pretrained(
             build_ensemble(
-                workdir / f"{name}-{router}",
+                workdir / f"{name}-{kind}",
                 seeds=seeds,
                 size=SIZES[name],
                 scratch=workdir / f"{name}-pictures",
-                shared_encoder=router == "shared",
+                shared_encoder=kind != "separate",
+                lora=kind == "lora",
             ),
             device=args.device,
         )
-        for router in ("shared", "separate")
+        for kind in ("shared", "separate", "lora")
     }
-    ensemble, separate = ensembles["shared"], ensembles["separate"]
-    return [bench_batch(name, ensemble, separate, batch, args) for batch in args.batch]
+    return [bench_batch(name, ensembles, batch, args) for batch in args.batch]
 
 
 def bench_batch(
-    name: str,
-    ensemble: RoutedEnsemble,
-    separate: RoutedEnsemble,
-    batch: int,
-    args: argparse.Namespace,
+    name: str, ensembles: dict[str, RoutedEnsemble], batch: int, args: argparse.Namespace
 ) -> dict[str, Any]:
+    ensemble, separate = ensembles["shared"], ensembles["separate"]
     shared_tower = ensemble.shared_tower
     assert shared_tower is not None, "the shared-encoder ensemble did not share its tower"
     device = ensemble.device
@@ -139,28 +140,31 @@ def bench_batch(
     images = [picture(draw.choice(kinds), draw.randrange(5)) for _ in range(requests)]
     prompts = [PROMPT] * requests
     chunks = [slice(start, start + batch) for start in range(0, requests, batch)]
-    dense_model = ensemble.experts.model(0)
     tokenizer = ensemble.tokenizer
     eos = tokenizer.eos_token_id
 
-    def dense() -> int:
-        tokens = 0
-        for chunk in chunks:
-            inputs = ensemble.encode_inputs(images[chunk], prompts[chunk])
-            with torch.inference_mode():
-                output = dense_model.generate(  # type: ignore[operator]
-                    **inputs,
-                    max_new_tokens=args.new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            rows = [
-                row[: row.index(eos)] if eos in row else row
-                for row in output[:, inputs["input_ids"].shape[1] :].tolist()
-            ]
-            tokenizer.batch_decode(rows, skip_special_tokens=True)
-            tokens += sum(len(row) for row in rows)
-        return tokens
+    def dense_of(owner: RoutedEnsemble) -> Callable[[], int]:
+        def run() -> int:
+            model = owner.experts.model(0)  # a LoRA ensemble's base with expert 0's adapter
+            tokens = 0
+            for chunk in chunks:
+                inputs = owner.encode_inputs(images[chunk], prompts[chunk])
+                with torch.inference_mode():
+                    output = model.generate(  # type: ignore[operator]
+                        **inputs,
+                        max_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
+                rows = [
+                    row[: row.index(eos)] if eos in row else row
+                    for row in output[:, inputs["input_ids"].shape[1] :].tolist()
+                ]
+                tokenizer.batch_decode(rows, skip_special_tokens=True)
+                tokens += sum(len(row) for row in rows)
+            return tokens
+
+        return run
 
     def routed(model: RoutedEnsemble, top_k: int) -> Callable[[], int]:
         def run() -> int:
@@ -193,10 +197,12 @@ def bench_batch(
         return 0
 
     modes: dict[str, Callable[[], int]] = {
-        "dense": dense,
+        "dense": dense_of(ensemble),
+        "dense_lora": dense_of(ensembles["lora"]),
         "top1": routed(ensemble, 1),
         "top1_split": split,
         "top1_separate": routed(separate, 1),
+        "top1_lora": routed(ensembles["lora"], 1),
         "top2": routed(ensemble, min(2, args.experts)),
         "router_shared": router_shared,
         "router_separate": router_separate,
@@ -209,7 +215,8 @@ def bench_batch(
         order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
         for mode_name in order:
             runs[mode_name].append(_timed(modes[mode_name], device, clock))
-    generating = ("dense", "top1", "top1_split", "top1_separate", "top2")
+    generating = ("dense", "top1", "top1_split", "top1_separate", "dense_lora", "top1_lora")
+    generating += ("top2",)
     rate = {m: max(t / s for s, t in runs[m]) for m in generating}
     best = {m: min(s for s, _ in runs[m]) for m in modes}
     chosen = [int(e) for e in ensemble.route_images(images, batch_size=batch).experts[:, 0]]
@@ -228,6 +235,8 @@ def bench_batch(
         "top1_vs_dense": rate["top1"] / rate["dense"],
         "top1_split_vs_dense": rate["top1_split"] / rate["dense"],
         "top1_separate_vs_dense": rate["top1_separate"] / rate["dense"],
+        "top1_lora_vs_dense_lora": rate["top1_lora"] / rate["dense_lora"],
+        "dense_lora_vs_dense": rate["dense_lora"] / rate["dense"],
         "router_share_of_top1": best["router_shared"] / best["top1"],
         "separate_router_share_of_top1": best["router_separate"] / best["top1_separate"],
         "top2_cost_vs_dense": rate["dense"] / rate["top2"],
@@ -292,6 +301,12 @@ def main() -> int:
             f"ratio {r['top1_split_vs_dense']:.3f} | separate open_clip router: top-1 "
             f"{rates['top1_separate']:8.1f} tok/s, ratio {r['top1_separate_vs_dense']:.3f}, "
             f"router share {100 * r['separate_router_share_of_top1']:.2f}%"
+        )
+        print(
+            f"{'':>8}LoRA experts over one base: top-1 {rates['top1_lora']:8.1f} tok/s, ratio "
+            f"{r['top1_lora_vs_dense_lora']:.3f} against one LoRA model (base + expert 0's "
+            f"adapter, unmerged: {rates['dense_lora']:8.1f} tok/s, {r['dense_lora_vs_dense']:.3f} "
+            "of dense)"
         )
     return 0
 

@@ -256,6 +256,11 @@ class _Experts:
         everyone = {expert for expert, _, _ in row_runs}
         images = [e for e, has in zip(row_experts, image_rows, strict=True) if has]
         if self._adapters is not None and all(self._models[e] is self._adapters for e in everyone):
+            if len(everyone) == 1:
+                # One adapter: peft's plain forward adds it to the base's output, without the
+                # per-adapter row gathers and scatters that adapter_names costs every layer.
+                (expert,) = everyone
+                return [_Unit(self._adapters, 0, len(row_experts), {}, adapter=_adapter(expert))]
             names = [_adapter(e) for e in row_experts]
             return [_Unit(self._adapters, 0, len(row_experts), {"adapter_names": names})]
         if self.stacked is not None and everyone <= self.stacked.experts and len(row_runs) > 1:
@@ -288,11 +293,15 @@ class _Unit:
     stacked: StackedExperts | None = None
     runs: list[tuple[int, int, int]] = field(default_factory=list)
     image_experts: list[int] = field(default_factory=list)
+    adapter: str | None = None
 
     def __call__(self, method: str, /, **inputs: Any) -> Any:
         """``model.<method>(**inputs)``, with this unit's rows assigned to their experts."""
         if self.stacked is not None:
             self.stacked.assign(self.runs, runs(self.image_experts))
+        model: Any = self.model
+        if self.adapter is not None and model.active_adapter != self.adapter:
+            model.set_adapter(self.adapter)
         return getattr(self.model, method)(**inputs, **self.kwargs)
 
 

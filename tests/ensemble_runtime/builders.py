@@ -168,7 +168,7 @@ def build_ensemble(
     root.mkdir(parents=True)
     tower = base_vision_tower(size) if shared_encoder else None
     if lora:
-        save_expert(root / "base", 7, size)
+        save_expert(root / "base", 7, size, vision_tower=tower)
     for index, seed in enumerate(seeds):
         if lora:
             save_lora_expert(root / "base", root / expert_path(index), seed)
@@ -178,7 +178,7 @@ def build_ensemble(
     encoder_dir.mkdir(parents=True)
     files = write_pictures(scratch or root.parent / "pictures")
     if shared_encoder:
-        spec = save_clip_router(encoder_dir, root / expert_path(0))
+        spec = save_clip_router(encoder_dir, root / ("base" if lora else expert_path(0)))
         encode = _runtime_encoder(root, spec)
         identity = spec["identity"]
     else:

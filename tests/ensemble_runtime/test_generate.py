@@ -220,5 +220,8 @@ def test_lora_experts_share_one_base(tmp_path: Path) -> None:
             expected[: expected.index(eos)] if eos in expected else expected
         )
     assert result.token_ids[0] != result.token_ids[1]
+    # A call of one expert's rows runs with its adapter active, not per row.
+    one_each = ensemble.generate_tokens(images, [PROMPT] * 2, max_new_tokens=6, batch_size=1)
+    assert one_each.token_ids == result.token_ids
     mixed = ensemble.generate_tokens(images, [PROMPT] * 2, max_new_tokens=3, top_k=2)
     assert mixed.experts == [[0, 1], [1, 0]]

@@ -23,6 +23,11 @@ What keeps a routed batch at the cost of a dense one:
   differing submodules send each stretch of rows to that expert's own weights); LoRA
   experts over one base are one peft model with the adapter chosen per row
   (``adapter_names``). Experts that differ in more than their weights run one call each.
+* **calls of one expert** (``batch_size``): given many prompts, each expert's samples fill
+  calls of their own and only the remainders share one (:mod:`ensemble.scheduling`). A
+  call over several full experts reads all their weights at every step, and small-batch
+  decoding is bound by reading weights; a call of one LoRA expert runs with its adapter
+  active rather than per row.
 * **the batch is encoded once** (chat template, tokens, pixels); each call takes its rows.
 * **a shared tower**: when the router's encoder is a Hugging Face CLIP whose vision model is
   the LLaVA experts' own tower (same settings, weights and preprocessing), one tower pass

@@ -48,7 +48,7 @@ from coordinator.state import StateDir
 from coordinator.store import EnsembleRecord, Store
 from coordinator.upload import upload_files_dir
 from protocol.canonical import canonical_digest
-from protocol.digests import file_sha256, folder_digests
+from protocol.digests import file_entry, file_sha256, folder_digests
 from protocol.ensemble_manifest import (
     MANIFEST_FILE,
     TextOnlyStrategy,
@@ -478,7 +478,7 @@ def assemble(
             "allow_partial": bool(missing),
             "missing_experts": missing,
             "base": base,
-            "other_files": {"README.md": folder_digests(staging)["README.md"]},
+            "other_files": {"README.md": file_entry(staging / "README.md")},
         }
         parse_manifest(manifest)  # the schema consumers load with: fail here, not there
         manifest_path = staging / MANIFEST_FILE

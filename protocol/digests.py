@@ -17,14 +17,16 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def file_entry(path: Path) -> dict[str, str | int]:
+    """``{"sha256", "size"}`` of one file: an entry of ``atoll_ensemble.json``'s file lists."""
+    return {"sha256": file_sha256(path), "size": path.stat().st_size}
+
+
 def folder_digests(folder: Path) -> dict[str, dict[str, str | int]]:
     """``{relative posix path: {"sha256", "size"}}`` of every file under ``folder``, sorted
     (the file lists of ``atoll_ensemble.json``)."""
     return {
-        path.relative_to(folder).as_posix(): {
-            "sha256": file_sha256(path),
-            "size": path.stat().st_size,
-        }
+        path.relative_to(folder).as_posix(): file_entry(path)
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }

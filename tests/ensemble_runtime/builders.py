@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from coordinator.partition.features import load_encoder
-from protocol.digests import file_sha256, folder_digests
+from protocol.digests import file_entry, file_sha256, folder_digests
 from protocol.ensemble_manifest import MANIFEST_FILE, expert_path
 from protocol.recipe import load_recipe
 from site_agent.training.model import load_model, load_processor
@@ -279,7 +279,7 @@ def write_manifest(root: Path, **overrides: Any) -> dict[str, Any]:
         "base": {"path": "base", "files": folder_digests(root / "base")}
         if (root / "base").is_dir()
         else None,
-        "other_files": {"README.md": folder_digests(root)["README.md"]},
+        "other_files": {"README.md": file_entry(root / "README.md")},
     }
     manifest.update(overrides)
     (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

@@ -70,7 +70,7 @@ from ensemble_runtime.builders import (  # type: ignore[import-not-found]  # noq
 )
 
 from ensemble.runtime import RoutedEnsemble  # noqa: E402
-from ensemble.scheduling import batches  # noqa: E402
+from ensemble.scheduling import batches, slices  # noqa: E402
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {},
@@ -139,7 +139,7 @@ def bench_batch(
     requests = -(-args.requests // batch) * batch  # whole batches for the dense model
     images = [picture(draw.choice(kinds), draw.randrange(5)) for _ in range(requests)]
     prompts = [PROMPT] * requests
-    chunks = [slice(start, start + batch) for start in range(0, requests, batch)]
+    chunks = slices(requests, batch)
     tokenizer = ensemble.tokenizer
     eos = tokenizer.eos_token_id
 

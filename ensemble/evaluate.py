@@ -36,6 +36,7 @@ from typing import Any
 from PIL import Image
 
 from ensemble.metrics import METRICS, score
+from ensemble.scheduling import slices
 from protocol.errors import InvalidArgument, NotFound
 
 __all__ = [
@@ -177,11 +178,10 @@ class DenseModel:
         self.batch_size = batch_size
 
     def __call__(self, images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
-        step = self.batch_size
         return [
             answer
-            for start in range(0, len(questions), step)
-            for answer in self._batch(images[start : start + step], questions[start : start + step])
+            for part in slices(len(questions), self.batch_size)
+            for answer in self._batch(images[part], questions[part])
         ]
 
     def _batch(self, images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
@@ -296,8 +296,8 @@ def evaluate(
     predictions: dict[str, list[str]] = {name: [] for name in systems}
     with Progress(disable=not progress, transient=True) as bar:
         tasks = {name: bar.add_task(f"[cyan]{name}", total=len(samples)) for name in systems}
-        for start in range(0, len(samples), window):
-            chunk = samples[start : start + window]
+        for part in slices(len(samples), window):
+            chunk = samples[part]
             images = [None if s.image is None else open_image(s.image) for s in chunk]
             questions = [s.question for s in chunk]
             for name, answer in systems.items():

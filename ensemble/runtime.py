@@ -59,7 +59,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ensemble.router import Router, Routing, load_feature_model, open_image
-from ensemble.scheduling import batches
+from ensemble.scheduling import batches, slices
 from ensemble.shared_tower import SharedTower, take_rows
 from ensemble.stacked_experts import StackedExperts, runs, vision_tower
 from protocol.ensemble_manifest import (
@@ -452,10 +452,9 @@ class RoutedEnsemble:
                 pixels["pixel_values"].to(self.device), batch_size
             )
             return self.router.route(features, top_k)
-        step = batch_size or max(1, len(images))
         parts = [
-            self.feature_model.encode_images(images[start : start + step])
-            for start in range(0, len(images), step)
+            self.feature_model.encode_images(images[part])
+            for part in slices(len(images), batch_size)
         ]
         return self.router.route(torch.cat(parts), top_k)
 

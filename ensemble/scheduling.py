@@ -14,7 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["batches"]
+__all__ = ["batches", "slices"]
+
+
+def slices(total: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most ``size`` of ``total`` items (``None``: one of all)."""
+    step = size or max(1, total)
+    return [slice(start, start + step) for start in range(0, total, step)]
 
 
 def batches(routes: Sequence[tuple[int, ...]], batch_size: int | None) -> list[list[int]]:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ensemble.scheduling import slices
 from protocol.ensemble_manifest import EnsembleManifest
 
 __all__ = ["ExpertTowers", "HandedOutputs", "SharedTower", "take_rows"]
@@ -143,15 +144,12 @@ class SharedTower:
     ) -> tuple[torch.Tensor, Any]:
         """Unit-norm router features and the tower's output (as LLaVA asks for it), the
         tower running ``batch_size`` images at a time (default: all at once)."""
-        step = batch_size or max(1, len(pixels))
         with torch.inference_mode():
             outputs = [
                 self.towers[0](
-                    pixels[start : start + step],
-                    output_hidden_states=self.feature_layer,
-                    return_dict=True,
+                    pixels[part], output_hidden_states=self.feature_layer, return_dict=True
                 )
-                for start in range(0, len(pixels), step)
+                for part in slices(len(pixels), batch_size)
             ]
             output = outputs[0] if len(outputs) == 1 else _combined(outputs, torch.cat)
             weight = self.projection.weight

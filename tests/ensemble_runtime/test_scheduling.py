@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ensemble.runtime import RoutedEnsemble
-from ensemble.scheduling import batches
+from ensemble.scheduling import batches, slices
 from protocol.errors import InvalidArgument
 
 from .builders import picture
@@ -30,6 +30,11 @@ def test_each_experts_samples_fill_calls_of_their_own() -> None:
     assert calls == [[0, 2], [3, 5], [1, 4], [6]]
     assert batches([(e,) for e in experts], None) == [[0, 2, 3, 5, 6, 1, 4]]
     assert batches([], 4) == [] and batches([], None) == []
+
+
+def test_slices_of_at_most_a_batch() -> None:
+    assert slices(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    assert slices(5, None) == [slice(0, 5)] and slices(0, None) == [] and slices(0, 3) == []
 
 
 def test_remainders_share_calls_largest_first() -> None:

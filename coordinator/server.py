@@ -3,12 +3,22 @@
 Two TLS ports: PORT requires mutual TLS with a certificate issued by this federation's CA, and
 the caller is whoever that certificate names (its SPIFFE URI SAN), never a request field;
 PORT+1 (``--enrol-listen``) needs only server TLS, for Enroll with a one-time token.
+
+Each port is a gRPC server of its own, with its own thread pool and :class:`CallLimits`
+(:mod:`coordinator.call_limits`), so unauthenticated callers of the enrolment port can never
+take a thread that a site's heartbeat or upload needs.
+
+Errors: a domain error (:mod:`protocol.errors`) is answered with its status and message; a full
+disk with RESOURCE_EXHAUSTED "coordinator disk full" and a retry hint; anything else with
+INTERNAL and no detail (the traceback is logged here, never sent: it names server paths).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -20,13 +30,22 @@ from cryptography.hazmat.primitives import serialization
 
 from coordinator import acceptance, artifacts, assignment, audit, enrolment, release, sites, upload
 from coordinator.ca import CertificateAuthority
+from coordinator.call_limits import (
+    ENROL_LIMITS,
+    RETRY_AFTER_KEY,
+    SITE_LIMITS,
+    CallGuard,
+    CallLimits,
+    peer_address,
+    peer_certificate,
+)
 from coordinator.federation import load_authority
 from coordinator.state import StateDir
 from coordinator.store import SiteRecord, Store
 from protocol import federation_pb2 as pb
 from protocol import federation_pb2_grpc as pb_grpc
 from protocol import serde
-from protocol.errors import AtollError, PermissionDenied, Unauthenticated
+from protocol.errors import AtollError, PermissionDenied, ResourceExhausted, Unauthenticated
 from protocol.identity import parse_spiffe_id, reader_record_name
 from protocol.x509 import (
     load_certificate,
@@ -119,7 +138,15 @@ class Coordinator:
 def _abort(context: grpc.ServicerContext, method: str, error: AtollError) -> None:
     code = getattr(grpc.StatusCode, error.grpc_code_name, grpc.StatusCode.INTERNAL)
     log.warning("[Federation.%s] %s: %s", method, code.name, error)
+    if error.retry_after is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, f"{error.retry_after:g}"),))
     context.abort(code, str(error))
+
+
+def _disk_full(error: Exception) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, sqlite3.OperationalError) and "full" in str(error)
 
 
 def _handle(context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
@@ -127,6 +154,17 @@ def _handle(context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> 
         return fn()
     except AtollError as error:
         _abort(context, method, error)
+        raise  # unreachable: abort raises
+    except Exception as error:
+        if _disk_full(error):
+            log.error("[Federation.%s] disk full: %s", method, error)
+            _abort(context, method, ResourceExhausted("coordinator disk full: try again later"))
+        # Logged with its traceback here; the peer learns only that it was not its fault.
+        log.exception("[Federation.%s] internal error", method)
+        context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error in {method} at the coordinator (logged there)",
+        )
         raise  # unreachable: abort raises
 
 
@@ -278,36 +316,94 @@ def enrol_address(listen: str) -> str:
 
 @dataclass(frozen=True)
 class Bound:
-    server: grpc.Server
-    port: int  # mutual TLS: every site call
-    enrol_port: int  # server TLS only: Enroll (a site has no certificate before it)
+    """The two servers, bound and not yet started."""
+
+    server: grpc.Server  # mutual TLS: every site and reader call
+    enrol_server: grpc.Server  # server TLS only: Enroll (a caller has no certificate yet)
+    port: int
+    enrol_port: int
+    guard: CallGuard
+    enrol_guard: CallGuard
+
+    def start(self) -> None:
+        self.server.start()
+        self.enrol_server.start()
+
+    def stop(self, grace: float | None) -> None:
+        """Stops both, letting calls in flight finish for up to ``grace`` seconds."""
+        done = (self.enrol_server.stop(grace), self.server.stop(grace))
+        for event in done:
+            event.wait()
 
 
-def build_server(
-    coordinator: Coordinator, listen: str, enrol_listen: str | None = None, max_workers: int = 16
-) -> Bound:
-    """A server bound to both ports, not yet started.
+# HTTP/2 keepalive: the server notices a peer that vanished (a blackholed network) within
+# ~80 s, and accepts the sites' own pings (every 30 s) without calling them abusive.
+_KEEPALIVE: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 5),
+]
+# The enrolment port serves anyone: a connection lives a minute at most, a TLS handshake
+# gets 10 s, and one connection carries at most 4 calls.
+_ENROL_CONNECTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_connection_idle_ms", 30_000),
+    ("grpc.max_connection_age_ms", 60_000),
+    ("grpc.max_connection_age_grace_ms", 10_000),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_concurrent_streams", 4),
+]
 
-    gRPC's Python API can either require client certificates or not ask for them, so Enroll
-    gets a port of its own; the same servicer runs on both and ``Coordinator.caller`` refuses
-    every call but Enroll that arrives without a federation certificate.
-    """
+
+def _new_server(limits: CallLimits, guard: CallGuard, extra: list[tuple[str, Any]]) -> grpc.Server:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # HTTP/2 frames of up to 16 MiB instead of 16 KiB: ~20% more upload throughput here.
         ("grpc.http2.max_frame_size", (1 << 24) - 1),
         ("grpc.so_reuseport", 0),
+        *_KEEPALIVE,
+        *extra,
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator), server)
+    # As many threads as calls admitted: a call is refused at once, never queued behind
+    # calls that may be waiting on their peers.
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=limits.max_calls),
+        interceptors=[guard],
+        options=options,
+        maximum_concurrent_rpcs=limits.max_calls,
+    )
+
+
+def build_server(
+    coordinator: Coordinator,
+    listen: str,
+    enrol_listen: str | None = None,
+    limits: CallLimits = SITE_LIMITS,
+    enrol_limits: CallLimits = ENROL_LIMITS,
+) -> Bound:
+    """The mutual-TLS server on ``listen`` and the enrolment server, bound, not started.
+
+    gRPC's Python API can either require client certificates or not ask for them, so Enroll
+    gets a port (and server) of its own; the same servicer runs on both and
+    ``Coordinator.caller`` refuses every call but Enroll that arrives without a federation
+    certificate.
+    """
+    servicer = FederationServicer(coordinator)
     state, ca = coordinator.state, coordinator.ca
+    guard = CallGuard(limits, peer=peer_certificate, name="sites")
+    server = _new_server(limits, guard, [])
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
     port = server.add_secure_port(listen, server_credentials(state, ca, True))
+    enrol_guard = CallGuard(enrol_limits, peer=peer_address, name="enrolment")
+    enrol_server = _new_server(enrol_limits, enrol_guard, _ENROL_CONNECTIONS)
+    pb_grpc.add_FederationServicer_to_server(servicer, enrol_server)
     enrol_target = enrol_listen or enrol_address(listen)
-    enrol_port = server.add_secure_port(enrol_target, server_credentials(state, ca, False))
+    enrol_port = enrol_server.add_secure_port(enrol_target, server_credentials(state, ca, False))
     if port == 0 or enrol_port == 0:
         raise OSError(f"could not listen on {listen} and {enrol_target}")
-    return Bound(server, port, enrol_port)
+    return Bound(server, enrol_server, port, enrol_port, guard, enrol_guard)
 
 
 def serve(
@@ -320,7 +416,7 @@ def serve(
     """Runs the coordinator until SIGINT/SIGTERM, then drains in-flight calls."""
     coordinator = Coordinator.open(state, heartbeat_seconds)
     bound = build_server(coordinator, listen, enrol_listen)
-    bound.server.start()
+    bound.start()
     log.info(
         "[Coordinator] federation %s serving on port %d (mutual TLS) and %d (enrolment)",
         coordinator.federation,
@@ -334,5 +430,5 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("[Coordinator] shutting down")
-    bound.server.stop(grace=5).wait()
+    bound.stop(grace=5)
     coordinator.store.close()

@@ -6,10 +6,15 @@ from protocol.exit_codes import ExitCode
 
 
 class AtollError(Exception):
-    """Base class: ``str(error)`` is a message a person can act on."""
+    """Base class: ``str(error)`` is a message a person can act on.
+
+    ``retry_after`` (seconds) marks an error as transient: the coordinator sends it as the
+    ``atoll-retry-after`` trailer and a site waits and tries again instead of giving up.
+    """
 
     grpc_code_name = "INTERNAL"
     exit_code = ExitCode.ERROR
+    retry_after: float | None = None
 
 
 class InvalidArgument(AtollError):
@@ -64,6 +69,28 @@ class Unavailable(AtollError):
     exit_code = ExitCode.UNAVAILABLE
 
 
+class ResourceExhausted(AtollError):
+    """A limit is reached (a quota, the coordinator's disk, concurrent calls): try later."""
+
+    grpc_code_name = "RESOURCE_EXHAUSTED"
+    exit_code = ExitCode.UNAVAILABLE
+    retry_after = 30.0
+
+
+class Aborted(AtollError):
+    """A concurrent call holds what this one needs (e.g. another stream writes the file)."""
+
+    grpc_code_name = "ABORTED"
+    exit_code = ExitCode.UNAVAILABLE
+    retry_after = 5.0
+
+
+class Interrupted(AtollError):
+    """The command was told to stop (SIGINT/SIGTERM) while it waited or retried."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 _BY_CODE_NAME: dict[str, type[AtollError]] = {
     cls.grpc_code_name: cls
     for cls in (
@@ -75,6 +102,8 @@ _BY_CODE_NAME: dict[str, type[AtollError]] = {
         FailedPrecondition,
         VerificationFailed,
         Unavailable,
+        ResourceExhausted,
+        Aborted,
     )
 }
 

@@ -76,9 +76,9 @@ def federation(tmp_path: Path) -> StateDir:
 def running(federation: StateDir) -> Iterator[Running]:
     coordinator = Coordinator.open(federation, heartbeat_seconds=1)
     bound = build_server(coordinator, "127.0.0.1:0", "127.0.0.1:0")
-    bound.server.start()
+    bound.start()
     try:
         yield Running(federation, coordinator, bound)
     finally:
-        bound.server.stop(grace=None).wait()
+        bound.stop(grace=None)
         coordinator.store.close()

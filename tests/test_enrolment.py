@@ -133,13 +133,13 @@ def test_certificate_from_another_ca_is_refused(running: Any, tmp_path: Path) ->
 
     other_coordinator = Coordinator.open(other)
     bound = build_server(other_coordinator, "127.0.0.1:0", "127.0.0.1:0")
-    bound.server.start()
+    bound.start()
     try:
         token = enrolment.invite(other_store, load_authority(other), "alpha", 3600)
         workdir = Workdir(tmp_path / "foreign")
         enrol(workdir, f"127.0.0.1:{bound.port}", str(token), f"127.0.0.1:{bound.enrol_port}", FAST)
     finally:
-        bound.server.stop(None).wait()
+        bound.stop(None)
         other_store.close()
     ours = running.coordinator.ca.cert.public_bytes(serialization.Encoding.PEM)
     client = FederationClient(

@@ -4,8 +4,9 @@
 ``Coordinator.open`` registers. After the upload's sizes and digests matched its manifest, it
 runs :func:`protocol.provenance.verify_expert` on the received directory with
 
-* the federation CA as the only trust anchor, and the uploading site's *current* certificate
-  as the only acceptable signer (not revoked, not superseded by a re-enrolment);
+* the federation CA as the only trust anchor, and the uploading site's *current* key as the
+  only acceptable signer (not revoked; its current certificate, or an earlier one of the same
+  key and identity, since renewal keeps the key);
 * the expectations the coordinator issued: builder = the site's SPIFFE id, the expert it
   holds, the digest of its assignment document as issued now, the recipe and base-model
   digests of the federation recipe, and the sha256 of ``partition/expert-<k>.json`` when the
@@ -20,13 +21,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from coordinator.assignment import current_assignment
 from coordinator.federation_recipe import current_recipe
 from coordinator.store import Store, UploadRecord
 from coordinator.upload import AcceptanceCheck
 from protocol.errors import AtollError, FailedPrecondition, PermissionDenied
 from protocol.provenance import ProvenanceExpectations, verify_expert
-from protocol.x509 import load_certificate
+from protocol.signing import SIGNATURE_FILE, signer_certificate
+from protocol.x509 import load_certificate, uri_sans
 
 
 def shard_artifact_name(expert_index: int) -> str:
@@ -84,7 +89,7 @@ def check_expert(
         verify_expert(
             directory,
             trusted_ca_pem=ca_pem,
-            expected_certificate=load_certificate(site.cert_pem.encode(), "site certificate"),
+            expected_certificate=_signer(directory, site.cert_pem),
             expected=expected,
             # Commit has already checked every received file against these digests.
             known_digests={f.path: f.sha256 for f in upload.files},
@@ -92,6 +97,22 @@ def check_expert(
     except AtollError as error:
         return str(error)
     return None
+
+
+def _signer(directory: Path, cert_pem: str) -> x509.Certificate:
+    """The certificate the expert must be signed with: the site's current one, or an earlier
+    certificate of the same key and identity (a renewal between signing and upload keeps the
+    key; see coordinator.certificates)."""
+    current = load_certificate(cert_pem.encode(), "site certificate")
+    try:
+        leaf = signer_certificate((directory / SIGNATURE_FILE).read_bytes())
+    except (OSError, AtollError):
+        return current  # verify_expert names what is wrong with the signature
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    same_key = leaf.public_key().public_bytes(der, spki) == current.public_key().public_bytes(
+        der, spki
+    )
+    return leaf if same_key and uri_sans(leaf) == uri_sans(current) else current
 
 
 def provenance_check(store: Store, federation: str, ca_pem: bytes) -> AcceptanceCheck:

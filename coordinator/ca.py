@@ -24,7 +24,8 @@ from protocol.identity import (
 from protocol.x509 import load_certificate
 
 CA_VALIDITY = dt.timedelta(days=3650)
-SITE_VALIDITY = dt.timedelta(days=365)
+# The default of callers that do not read the federation's lifetime (coordinator.certificates).
+SITE_VALIDITY = dt.timedelta(days=30)
 SERVER_VALIDITY = dt.timedelta(days=365)
 SIGNING_VALIDITY = dt.timedelta(days=3650)
 # Tolerates clocks a little behind the coordinator's.
@@ -120,10 +121,14 @@ class CertificateAuthority:
         )
 
     def issue_site_certificate(
-        self, site: str, csr_pem: bytes, role: str = "site"
+        self,
+        site: str,
+        csr_pem: bytes,
+        role: str = "site",
+        validity: dt.timedelta = SITE_VALIDITY,
     ) -> x509.Certificate:
         """Signs the CSR's P-256 key into a client certificate for ``site`` (with ``role``
-        ``reader``: SAN ``spiffe://<federation>/reader/<name>``)."""
+        ``reader``: SAN ``spiffe://<federation>/reader/<name>``), valid for ``validity``."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as error:
@@ -145,7 +150,7 @@ class CertificateAuthority:
             site,
             [x509.UniformResourceIdentifier(spiffe)],
             ExtendedKeyUsageOID.CLIENT_AUTH,
-            SITE_VALIDITY,
+            validity,
         )
 
     def issue_server_certificate(

@@ -12,10 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator import audit, enrolment, sites
+from coordinator.certificates import DEFAULT_LIFETIME_DAYS
 from coordinator.federation import init_federation, load_authority
 from coordinator.federation_recipe import set_recipe
 from coordinator.state import StateDir
+from coordinator.status import status_document
 from protocol.cli_support import parse_duration, run_parser
+from protocol.errors import InvalidArgument
 from protocol.exit_codes import ExitCode
 
 
@@ -24,7 +27,7 @@ def _state(args: argparse.Namespace) -> StateDir:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    state = init_federation(Path(args.state), args.federation)
+    state = init_federation(Path(args.state), args.federation, cert_days=args.cert_days)
     print(f"initialised federation {args.federation!r} in {state.root}", file=sys.stderr)
     print(f"CA certificate: {state.ca_cert}", file=sys.stderr)
     return 0
@@ -62,9 +65,21 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from coordinator.operations import OperationsOptions
     from coordinator.server import serve  # grpc server imports only where needed
 
-    serve(_state(args), args.listen, args.enrol_listen, heartbeat_seconds=args.heartbeat_seconds)
+    operations = OperationsOptions(
+        metrics_listen=args.metrics_listen,
+        dashboard_listen=args.dashboard_listen,
+        dashboard_token_file=Path(args.dashboard_token_file) if args.dashboard_token_file else None,
+    )
+    serve(
+        _state(args),
+        args.listen,
+        args.enrol_listen,
+        heartbeat_seconds=args.heartbeat_seconds,
+        operations=operations,
+    )
     return 0
 
 
@@ -74,27 +89,27 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
+def _date(seconds: float | None) -> str:
+    return "-" if seconds is None else time.strftime("%Y-%m-%d", time.gmtime(seconds))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state = _state(args)
     store = state.open_store()
     try:
         rows = sites.federation_status(store)
         plan = store.get_plan()
+        document = status_document(state, store)
     finally:
         store.close()
     if args.json:
-        payload = {
-            "federation": state.federation(),
-            "plan": None if plan is None else {"digest": plan.digest, "experts": plan.num_experts},
-            "sites": [row.as_json() for row in rows],
-            "generated_at": time.time(),
-        }
-        print(json.dumps(payload, indent=2))
+        print(json.dumps(document, indent=2))
         return 0
+    expiries = {row["site"]: row["certificate_expires_at"] for row in document["sites"]}
     title = f"federation {state.federation()}"
     title += f" — plan {plan.digest[:12]}, {plan.num_experts} experts" if plan else " — no plan yet"
     table = Table(title=title)
-    for column in ("site", "expert", "phase", "step", "loss", "last heartbeat", ""):
+    for column in ("site", "expert", "phase", "step", "loss", "last heartbeat", "cert expires", ""):
         table.add_column(column)
     for row in rows:
         progress = f"{row.step}/{row.total_steps}" if row.total_steps else "-"
@@ -106,9 +121,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             progress,
             f"{row.loss:.4f}" if row.total_steps else "-",
             _ago(row.seconds_since_heartbeat),
+            _date(expiries.get(row.site)),
             flag,
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    accepted = [e for e in document["experts"] if e["phase"] == "accepted"]
+    certs = document["certificates"]
+    console.print(
+        f"experts accepted: {len(accepted)}/{len(document['experts'])}; CA expires "
+        f"{_date(certs['ca_expires_at'])}, serving certificate {_date(certs['server_expires_at'])}"
+        f", site certificates live {certs['lifetime_days']} days"
+    )
     return 0
 
 
@@ -237,6 +261,42 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    if not args.passphrase_file:
+        return None
+    try:
+        return Path(args.passphrase_file).read_bytes().strip()
+    except OSError as error:
+        raise InvalidArgument(f"--passphrase-file {args.passphrase_file}: {error}") from error
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from coordinator.backup import backup
+
+    result = backup(_state(args), Path(args.out), _passphrase(args))
+    keys = "encrypted with the passphrase" if result.encrypted_keys else "NOT encrypted"
+    print(
+        f"backup {result.path}: {result.entries} entries, {result.bytes:,} bytes, "
+        f"{result.audit_events} audit events, {result.open_uploads} open upload(s); "
+        f"file mode 0600, private keys {keys}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from coordinator.backup import restore
+
+    manifest = restore(Path(args.from_file), Path(args.state), _passphrase(args))
+    print(
+        f"restored federation {manifest['federation']!r} into {args.state}: "
+        f"{len(manifest['entries'])} entries verified, audit log verified "
+        f"({manifest['audit_events']} events); start `coordinator serve --state {args.state}`",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from coordinator.partition import cli as partition_cli
 
@@ -247,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("init", help="create a federation: CA, signing key, store")
     p.add_argument("--state", required=True, help="state directory to create")
     p.add_argument("--federation", required=True, help="federation name (a DNS label)")
+    p.add_argument(
+        "--cert-days",
+        type=int,
+        default=DEFAULT_LIFETIME_DAYS,
+        help=f"lifetime of site and reader certificates (default {DEFAULT_LIFETIME_DAYS}); "
+        "agents renew when a third is left",
+    )
     p.set_defaults(fn=cmd_init)
 
     p = commands.add_parser(
@@ -282,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=sites.HEARTBEAT_SECONDS,
         help="interval sites are asked to heartbeat at",
+    )
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    p.add_argument(
+        "--dashboard-listen",
+        metavar="HOST:PORT",
+        help="serve the read-only dashboard here (PORT alone: loopback)",
+    )
+    p.add_argument(
+        "--dashboard-token-file",
+        metavar="FILE",
+        help="token the dashboard requires (required on a non-loopback address)",
     )
     p.set_defaults(fn=cmd_serve)
 
@@ -325,6 +403,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_assemble)
+
+    p = commands.add_parser(
+        "backup", help="a consistent backup of the state directory, taken while serve runs"
+    )
+    p.add_argument("--state", required=True)
+    p.add_argument("--out", required=True, metavar="FILE", help="backup file to create (0600)")
+    p.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="encrypt the private keys inside the backup with this passphrase",
+    )
+    p.set_defaults(fn=cmd_backup)
+
+    p = commands.add_parser("restore", help="restore a backup into a new state directory")
+    p.add_argument("--from", dest="from_file", required=True, metavar="FILE")
+    p.add_argument("--state", required=True, help="a new or empty directory")
+    p.add_argument("--passphrase-file", metavar="FILE", help="the backup's passphrase")
+    p.set_defaults(fn=cmd_restore)
 
     p = commands.add_parser("revoke", help="refuse a site's certificate from now on")
     p.add_argument("--state", required=True)

@@ -9,7 +9,7 @@ import time
 
 from cryptography.hazmat.primitives import serialization
 
-from coordinator import audit
+from coordinator import audit, certificates
 from coordinator.ca import CertificateAuthority
 from coordinator.store import SiteRecord, Store, TokenRecord
 from protocol.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -106,7 +106,9 @@ def enroll(
     existing = store.get_site(stored_name)
     if existing is not None and existing.revoked_at is not None:
         raise PermissionDenied(f"{record.role} {site_name!r} is revoked")
-    cert = ca.issue_site_certificate(site_name, csr_pem, role=record.role)
+    cert = ca.issue_site_certificate(
+        site_name, csr_pem, role=record.role, validity=certificates.lifetime(store)
+    )
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     spiffe = (
         reader_spiffe_id(ca.federation, site_name)

@@ -11,6 +11,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from coordinator.ca import CertificateAuthority, load_ca
+from coordinator.certificates import DEFAULT_LIFETIME_DAYS, set_lifetime_days
 from coordinator.state import StateDir
 from coordinator.store import SCHEMA_VERSION, open_store
 from protocol.errors import AlreadyExists
@@ -25,7 +26,9 @@ from protocol.x509 import (
 )
 
 
-def init_federation(root: Path, federation: str) -> StateDir:
+def init_federation(
+    root: Path, federation: str, cert_days: int = DEFAULT_LIFETIME_DAYS
+) -> StateDir:
     """Creates a new federation in ``root`` (which may exist but must hold no federation).
 
     Everything is built in a temporary sibling directory and moved into place, so a failure
@@ -50,6 +53,7 @@ def init_federation(root: Path, federation: str) -> StateDir:
         write_public(tmp.signing_pub, public_key_pem(signing.public_key()))
         store = open_store(f"sqlite:///{tmp.store_path}")
         store.set_meta("federation", federation)
+        set_lifetime_days(store, cert_days)
         store.close()
         for sub in ("artifacts", "uploads"):
             (staging / sub).mkdir()

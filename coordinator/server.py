@@ -20,6 +20,7 @@ import logging
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -28,7 +29,17 @@ from typing import Any, TypeVar, cast
 import grpc
 from cryptography.hazmat.primitives import serialization
 
-from coordinator import acceptance, artifacts, assignment, audit, enrolment, release, sites, upload
+from coordinator import (
+    acceptance,
+    artifacts,
+    assignment,
+    audit,
+    certificates,
+    enrolment,
+    release,
+    sites,
+    upload,
+)
 from coordinator.ca import CertificateAuthority
 from coordinator.call_limits import (
     ENROL_LIMITS,
@@ -40,6 +51,9 @@ from coordinator.call_limits import (
     peer_certificate,
 )
 from coordinator.federation import load_authority
+from coordinator.health import HealthServicer, add_health
+from coordinator.metrics import Metrics
+from coordinator.operations import OperationsOptions, start_operations
 from coordinator.state import StateDir
 from coordinator.store import SiteRecord, Store
 from protocol import federation_pb2 as pb
@@ -62,6 +76,8 @@ from protocol.x509 import (
 log = logging.getLogger("atoll.coordinator")
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 16 << 20
+# The serving certificate is issued anew at start-up when less than this is left of it.
+SERVER_RENEW_SECONDS = 30 * 86400
 
 
 @dataclass
@@ -286,13 +302,28 @@ class FederationServicer(pb_grpc.FederationServicer):
 
         return _handle(context, "GetEnsemble", run)
 
+    def RenewCertificate(
+        self, request: pb.RenewCertificateRequest, context: grpc.ServicerContext
+    ) -> pb.RenewCertificateResponse:
+        def run() -> pb.RenewCertificateResponse:
+            role, caller = self.c.identity(context)
+            renewed = certificates.renew(self.c.store, self.c.ca, caller, role, request.csr_pem)
+            log.info("[Federation.RenewCertificate] %s %s renewed", role, caller.name)
+            return pb.RenewCertificateResponse(
+                certificate_pem=renewed.cert_pem.encode(),
+                expires_at=certificates.expires_at(renewed.cert_pem),
+            )
+
+        return _handle(context, "RenewCertificate", run)
+
 
 def server_credentials(
     state: StateDir, ca: CertificateAuthority, require_client_auth: bool
 ) -> grpc.ServerCredentials:
     """TLS with the coordinator's certificate; with ``require_client_auth`` the peer must
     present a certificate issued by the federation CA (every call but Enroll)."""
-    if not state.server_cert.exists():
+    expires = certificates.file_expires_at(state.server_cert)
+    if expires is None or expires - time.time() < SERVER_RENEW_SECONDS:
         key = new_p256_key()
         cert = ca.issue_server_certificate(key.public_key(), extra_dns=["localhost"])
         write_private(state.server_key, private_key_pem(key))
@@ -324,6 +355,8 @@ class Bound:
     enrol_port: int
     guard: CallGuard
     enrol_guard: CallGuard
+    metrics: Metrics  # RPCs of both servers; federation state at scrape time
+    health: HealthServicer  # grpc.health.v1 on both ports
 
     def start(self) -> None:
         self.server.start()
@@ -331,6 +364,7 @@ class Bound:
 
     def stop(self, grace: float | None) -> None:
         """Stops both, letting calls in flight finish for up to ``grace`` seconds."""
+        self.health.enter_graceful_shutdown()
         done = (self.enrol_server.stop(grace), self.server.stop(grace))
         for event in done:
             event.wait()
@@ -356,7 +390,9 @@ _ENROL_CONNECTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def _new_server(limits: CallLimits, guard: CallGuard, extra: list[tuple[str, Any]]) -> grpc.Server:
+def _new_server(
+    limits: CallLimits, guard: CallGuard, metrics: Metrics, extra: list[tuple[str, Any]]
+) -> grpc.Server:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -370,7 +406,8 @@ def _new_server(limits: CallLimits, guard: CallGuard, extra: list[tuple[str, Any
     # calls that may be waiting on their peers.
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.max_calls),
-        interceptors=[guard],
+        # Metrics outermost, so calls the guard refuses are counted too.
+        interceptors=[metrics.interceptor(), guard],
         options=options,
         maximum_concurrent_rpcs=limits.max_calls,
     )
@@ -393,17 +430,19 @@ def build_server(
     servicer = FederationServicer(coordinator)
     state, ca = coordinator.state, coordinator.ca
     guard = CallGuard(limits, peer=peer_certificate, name="sites")
-    server = _new_server(limits, guard, [])
+    metrics = Metrics(coordinator.state, coordinator.store)
+    server = _new_server(limits, guard, metrics, [])
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     port = server.add_secure_port(listen, server_credentials(state, ca, True))
     enrol_guard = CallGuard(enrol_limits, peer=peer_address, name="enrolment")
-    enrol_server = _new_server(enrol_limits, enrol_guard, _ENROL_CONNECTIONS)
+    enrol_server = _new_server(enrol_limits, enrol_guard, metrics, _ENROL_CONNECTIONS)
     pb_grpc.add_FederationServicer_to_server(servicer, enrol_server)
+    health = add_health(server, enrol_server)
     enrol_target = enrol_listen or enrol_address(listen)
     enrol_port = enrol_server.add_secure_port(enrol_target, server_credentials(state, ca, False))
     if port == 0 or enrol_port == 0:
         raise OSError(f"could not listen on {listen} and {enrol_target}")
-    return Bound(server, enrol_server, port, enrol_port, guard, enrol_guard)
+    return Bound(server, enrol_server, port, enrol_port, guard, enrol_guard, metrics, health)
 
 
 def serve(
@@ -412,10 +451,12 @@ def serve(
     enrol_listen: str | None = None,
     heartbeat_seconds: int = sites.HEARTBEAT_SECONDS,
     ready: Callable[[Bound], None] | None = None,
+    operations: OperationsOptions | None = None,
 ) -> None:
     """Runs the coordinator until SIGINT/SIGTERM, then drains in-flight calls."""
     coordinator = Coordinator.open(state, heartbeat_seconds)
     bound = build_server(coordinator, listen, enrol_listen)
+    stop_operations = start_operations(coordinator, bound, operations or OperationsOptions())
     bound.start()
     log.info(
         "[Coordinator] federation %s serving on port %d (mutual TLS) and %d (enrolment)",
@@ -431,4 +472,5 @@ def serve(
     stop.wait()
     log.info("[Coordinator] shutting down")
     bound.stop(grace=5)
+    stop_operations()
     coordinator.store.close()

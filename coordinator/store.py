@@ -31,7 +31,11 @@ from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 from protocol.messages import UploadFile
 
 # 2: the audit log (events, checkpoints) and upload receipts.
-SCHEMA_VERSION = 2
+# 3: a bounded history of each site's heartbeats (the dashboard's loss curves).
+SCHEMA_VERSION = 3
+# Heartbeats kept per site: enough for a loss curve over days at one point a minute or so,
+# small enough that months of 10-second beats stay a few MB.
+HEARTBEAT_HISTORY = 2000
 
 R = TypeVar("R")
 # Builds the audit event of a state change from the record the change produced.
@@ -184,6 +188,22 @@ class Store(abc.ABC):
         """Every enrolled site, ordered by name."""
 
     @abc.abstractmethod
+    def renew_certificate(
+        self,
+        name: str,
+        old_serial: str,
+        site: SiteRecord,
+        audit: EventFor[SiteRecord] | None = None,
+    ) -> SiteRecord:
+        """Replaces the certificate of an enrolled site whose current serial is ``old_serial``
+        with ``site.cert_serial`` / ``site.cert_pem`` (other fields stay).
+
+        An unknown site MUST raise NotFound; a revoked site MUST raise PermissionDenied; a
+        current serial other than ``old_serial`` (a renewal or re-enrolment won the race) MUST
+        raise FailedPrecondition; each changes nothing. ``audit`` gets the renewed site.
+        """
+
+    @abc.abstractmethod
     def revoke_site(
         self, name: str, now: float, audit: EventFor[SiteRecord] | None = None
     ) -> SiteRecord:
@@ -195,7 +215,12 @@ class Store(abc.ABC):
     # -- heartbeats ----------------------------------------------------------------------
     @abc.abstractmethod
     def record_heartbeat(self, heartbeat: HeartbeatRecord) -> None:
-        """Keeps the latest heartbeat of a site. An unknown site MUST raise NotFound."""
+        """Keeps the latest heartbeat of a site, and appends it to the site's history (which
+        keeps the newest ``HEARTBEAT_HISTORY``). An unknown site MUST raise NotFound."""
+
+    @abc.abstractmethod
+    def heartbeat_history(self, site: str, limit: int = HEARTBEAT_HISTORY) -> list[HeartbeatRecord]:
+        """The site's newest ``limit`` heartbeats, oldest first (empty for an unknown site)."""
 
     @abc.abstractmethod
     def latest_heartbeats(self) -> dict[str, HeartbeatRecord]:
@@ -261,6 +286,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_upload(self, upload_id: str) -> UploadRecord | None:
         """The upload session with this id, or None."""
+
+    @abc.abstractmethod
+    def list_uploads(self, state: str | None = None) -> list[UploadRecord]:
+        """Every upload session (only those in ``state`` when given), oldest first."""
 
     @abc.abstractmethod
     def advance_upload(self, upload_id: str, path: str, offset: int, length: int) -> int:

@@ -6,6 +6,7 @@ import dataclasses
 import threading
 
 from coordinator.store import (
+    HEARTBEAT_HISTORY,
     SCHEMA_VERSION,
     ArtifactRecord,
     AssignmentRecord,
@@ -27,6 +28,7 @@ from protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unauthenticated,
 )
 from protocol.merkle import leaf_hash
@@ -39,6 +41,7 @@ class MemoryStore(Store):
         self._tokens: dict[str, TokenRecord] = {}
         self._sites: dict[str, SiteRecord] = {}
         self._heartbeats: dict[str, HeartbeatRecord] = {}
+        self._history: dict[str, list[HeartbeatRecord]] = {}
         self._plan: PlanRecord | None = None
         self._assignments: dict[int, AssignmentRecord] = {}
         self._artifacts: dict[str, ArtifactRecord] = {}
@@ -104,6 +107,33 @@ class MemoryStore(Store):
         with self._lock:
             return [self._sites[name] for name in sorted(self._sites)]
 
+    def renew_certificate(
+        self,
+        name: str,
+        old_serial: str,
+        site: SiteRecord,
+        audit: EventFor[SiteRecord] | None = None,
+    ) -> SiteRecord:
+        with self._lock:
+            current = self._sites.get(name)
+            if current is None:
+                raise NotFound(f"no enrolled site named {name!r}")
+            if current.revoked_at is not None:
+                raise PermissionDenied(f"{name!r} is revoked; its certificate cannot be renewed")
+            if current.cert_serial != old_serial:
+                raise FailedPrecondition(
+                    f"{name!r}: certificate {old_serial} is no longer current (now "
+                    f"{current.cert_serial}); renew with the newest certificate"
+                )
+            renewed = dataclasses.replace(
+                current, cert_serial=site.cert_serial, cert_pem=site.cert_pem
+            )
+            event = audit(renewed) if audit else None
+            self._sites[name] = renewed
+            if event is not None:
+                self._append(event)
+            return renewed
+
     def revoke_site(
         self, name: str, now: float, audit: EventFor[SiteRecord] | None = None
     ) -> SiteRecord:
@@ -124,6 +154,13 @@ class MemoryStore(Store):
             if heartbeat.site not in self._sites:
                 raise NotFound(f"no enrolled site named {heartbeat.site!r}")
             self._heartbeats[heartbeat.site] = heartbeat
+            history = self._history.setdefault(heartbeat.site, [])
+            history.append(heartbeat)
+            del history[:-HEARTBEAT_HISTORY]
+
+    def heartbeat_history(self, site: str, limit: int = HEARTBEAT_HISTORY) -> list[HeartbeatRecord]:
+        with self._lock:
+            return list(self._history.get(site, [])[-limit:]) if limit > 0 else []
 
     def latest_heartbeats(self) -> dict[str, HeartbeatRecord]:
         with self._lock:
@@ -219,6 +256,11 @@ class MemoryStore(Store):
 
     def get_upload(self, upload_id: str) -> UploadRecord | None:
         return self._uploads.get(upload_id)
+
+    def list_uploads(self, state: str | None = None) -> list[UploadRecord]:
+        with self._lock:
+            found = [u for u in self._uploads.values() if state is None or u.state == state]
+        return sorted(found, key=lambda u: (u.created_at, u.upload_id))
 
     def advance_upload(self, upload_id: str, path: str, offset: int, length: int) -> int:
         with self._lock:

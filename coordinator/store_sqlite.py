@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.store import (
+    HEARTBEAT_HISTORY,
     SCHEMA_VERSION,
     ArtifactRecord,
     AssignmentRecord,
@@ -32,6 +34,7 @@ from protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unauthenticated,
 )
 from protocol.merkle import leaf_hash
@@ -87,6 +90,14 @@ CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_
   BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
   BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+"""
+    + """
+CREATE TABLE IF NOT EXISTS heartbeat_history (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT NOT NULL REFERENCES sites(name),
+  at REAL NOT NULL, phase TEXT NOT NULL, step INTEGER NOT NULL, total_steps INTEGER NOT NULL,
+  loss REAL NOT NULL, tokens_per_second REAL NOT NULL, eta_seconds REAL NOT NULL,
+  message TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS heartbeat_history_by_site ON heartbeat_history (site, seq);
 """
 )
 
@@ -255,6 +266,34 @@ class SqliteStore(Store):
     def list_sites(self) -> list[SiteRecord]:
         return [SiteRecord(**dict(r)) for r in self._read("SELECT * FROM sites ORDER BY name")]
 
+    def renew_certificate(
+        self,
+        name: str,
+        old_serial: str,
+        site: SiteRecord,
+        audit: EventFor[SiteRecord] | None = None,
+    ) -> SiteRecord:
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM sites WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no enrolled site named {name!r}")
+            if row["revoked_at"] is not None:
+                raise PermissionDenied(f"{name!r} is revoked; its certificate cannot be renewed")
+            if row["cert_serial"] != old_serial:
+                raise FailedPrecondition(
+                    f"{name!r}: certificate {old_serial} is no longer current (now "
+                    f"{row['cert_serial']}); renew with the newest certificate"
+                )
+            conn.execute(
+                "UPDATE sites SET cert_serial = ?, cert_pem = ? WHERE name = ?",
+                (site.cert_serial, site.cert_pem, name),
+            )
+            row = conn.execute("SELECT * FROM sites WHERE name = ?", (name,)).fetchone()
+            renewed = SiteRecord(**dict(row))
+            if audit is not None:
+                _append(conn, audit(renewed))
+        return renewed
+
     def revoke_site(
         self, name: str, now: float, audit: EventFor[SiteRecord] | None = None
     ) -> SiteRecord:
@@ -279,20 +318,29 @@ class SqliteStore(Store):
                 is None
             ):
                 raise NotFound(f"no enrolled site named {heartbeat.site!r}")
+            row = dataclasses.astuple(heartbeat)  # the tables' column order
             conn.execute(
-                "INSERT OR REPLACE INTO heartbeats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    heartbeat.site,
-                    heartbeat.at,
-                    heartbeat.phase,
-                    heartbeat.step,
-                    heartbeat.total_steps,
-                    heartbeat.loss,
-                    heartbeat.tokens_per_second,
-                    heartbeat.eta_seconds,
-                    heartbeat.message,
-                ),
+                "INSERT OR REPLACE INTO heartbeats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row
             )
+            conn.execute(
+                "INSERT INTO heartbeat_history (site, at, phase, step, total_steps, loss, "
+                "tokens_per_second, eta_seconds, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            # Bounded: drop what falls out of the newest HEARTBEAT_HISTORY of this site.
+            conn.execute(
+                "DELETE FROM heartbeat_history WHERE site = ? AND seq <= (SELECT seq FROM "
+                "heartbeat_history WHERE site = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (heartbeat.site, heartbeat.site, HEARTBEAT_HISTORY),
+            )
+
+    def heartbeat_history(self, site: str, limit: int = HEARTBEAT_HISTORY) -> list[HeartbeatRecord]:
+        rows = self._read(
+            "SELECT site, at, phase, step, total_steps, loss, tokens_per_second, eta_seconds, "
+            "message FROM heartbeat_history WHERE site = ? ORDER BY seq DESC LIMIT ?",
+            (site, limit),
+        )
+        return [HeartbeatRecord(**dict(r)) for r in reversed(rows)]
 
     def latest_heartbeats(self) -> dict[str, HeartbeatRecord]:
         rows = self._read("SELECT * FROM heartbeats")
@@ -447,6 +495,16 @@ class SqliteStore(Store):
     def get_upload(self, upload_id: str) -> UploadRecord | None:
         with self._lock:
             return self._upload(self._conn, upload_id)
+
+    def list_uploads(self, state: str | None = None) -> list[UploadRecord]:
+        with self._lock:
+            ids = self._conn.execute(
+                "SELECT upload_id FROM uploads WHERE ? IS NULL OR state = ? "
+                "ORDER BY created_at, upload_id",
+                (state, state),
+            ).fetchall()
+            found = [self._upload(self._conn, row[0]) for row in ids]
+        return [u for u in found if u is not None]
 
     def advance_upload(self, upload_id: str, path: str, offset: int, length: int) -> int:
         with self._write() as conn:

@@ -78,6 +78,7 @@ EVENT_KINDS = frozenset(
         "accepted",
         "rejected",
         "revoked",
+        "renewed",
         "assembled",
         "published",
     }

@@ -235,6 +235,12 @@ class FederationClient:
             self.retry.run("CommitUpload", lambda: self._stub.CommitUpload(request))
         )
 
+    def renew_certificate(self, csr_pem: bytes) -> bytes:
+        """A new certificate (PEM) for the key and identity of the one this channel uses."""
+        request = pb.RenewCertificateRequest(csr_pem=csr_pem)
+        reply = self.retry.run("RenewCertificate", lambda: self._stub.RenewCertificate(request))
+        return bytes(reply.certificate_pem)
+
     def get_ensemble(self) -> EnsembleInfo:
         reply = self.retry.run(
             "GetEnsemble", lambda: self._stub.GetEnsemble(pb.GetEnsembleRequest())

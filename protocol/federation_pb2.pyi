@@ -214,3 +214,17 @@ class GetEnsembleResponse(_message.Message):
     manifest_json: str
     artifacts: _containers.RepeatedCompositeFieldContainer[ArtifactRef]
     def __init__(self, ready: _Optional[bool] = ..., reason: _Optional[str] = ..., manifest_json: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactRef, _Mapping]]] = ...) -> None: ...
+
+class RenewCertificateRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class RenewCertificateResponse(_message.Message):
+    __slots__ = ("certificate_pem", "expires_at")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    expires_at: float
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., expires_at: _Optional[float] = ...) -> None: ...

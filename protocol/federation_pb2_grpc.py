@@ -74,6 +74,11 @@ class FederationStub:
                 request_serializer=protocol_dot_federation__pb2.GetEnsembleRequest.SerializeToString,
                 response_deserializer=protocol_dot_federation__pb2.GetEnsembleResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/atoll.federation.v1.Federation/RenewCertificate',
+                request_serializer=protocol_dot_federation__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=protocol_dot_federation__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -135,6 +140,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """A new certificate for the caller's key and identity before its current one expires
+        (mutual TLS with the current certificate; refused for a revoked site).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +190,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetEnsemble,
                     request_deserializer=protocol_dot_federation__pb2.GetEnsembleRequest.FromString,
                     response_serializer=protocol_dot_federation__pb2.GetEnsembleResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=protocol_dot_federation__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=protocol_dot_federation__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +413,33 @@ class Federation:
             '/atoll.federation.v1.Federation/GetEnsemble',
             protocol_dot_federation__pb2.GetEnsembleRequest.SerializeToString,
             protocol_dot_federation__pb2.GetEnsembleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atoll.federation.v1.Federation/RenewCertificate',
+            protocol_dot_federation__pb2.RenewCertificateRequest.SerializeToString,
+            protocol_dot_federation__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

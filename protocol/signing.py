@@ -363,6 +363,12 @@ def _envelope(bundle: dict[str, Any]) -> tuple[str, bytes, bytes]:
         raise VerificationFailed(f"{SIGNATURE_FILE}: malformed DSSE envelope ({error})") from error
 
 
+def signer_certificate(signature: bytes) -> x509.Certificate:
+    """The leaf certificate a ``model.sig`` bundle carries, *unverified* (callers pass it on
+    to :func:`verify_model` as ``expected_certificate`` only after their own checks)."""
+    return _bundle_certificates(_parse_bundle(signature))[0]
+
+
 def read_signed_digests(signature: bytes) -> ModelDigests:
     """The digests a ``model.sig`` claims, checked for internal consistency only.
 

@@ -19,7 +19,7 @@ from protocol.client import Credentials, FederationClient, Retry, enrol_with_tok
 from protocol.download import download_artifact
 from protocol.errors import AtollError, FailedPrecondition, VerificationFailed
 from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
-from site_agent import expert
+from site_agent import expert, renewal
 from site_agent.supervisor import Supervisor, SupervisorConfig
 from site_agent.transfer import signed_manifest, upload_directory
 from site_agent.workdir import SiteIdentity, Workdir
@@ -101,9 +101,20 @@ class Agent:
         if self._supervisor is not None:
             self._supervisor.stop()
 
+    def renew_if_due(self) -> None:
+        """Renews the site certificate once a third of its lifetime is left (see
+        :mod:`site_agent.renewal`) and moves to a channel that presents the new one."""
+        if self.client is None or not renewal.due(self.workdir.cert.read_bytes()):
+            return
+        renewal.renew(self.workdir, self.client)
+        old = self.client
+        self.client = connect(self.workdir, old.address, retry=old.retry)
+        old.close()
+
     def beat(self) -> Directive:
         if self.client is None:
             return Directive.CONTINUE
+        self.renew_if_due()
         t = self._training
         reply = self.client.heartbeat(
             Heartbeat(

@@ -49,6 +49,7 @@ def test_proto_package_is_versioned() -> None:
         "UploadChunk",
         "CommitUpload",
         "GetEnsemble",
+        "RenewCertificate",
     ]
 
 
@@ -95,7 +96,7 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
 
 def test_cli_flags_are_pinned() -> None:
     assert _flags(coordinator_parser()) == {
-        "init": ["--federation", "--help", "--state", "-h"],
+        "init": ["--cert-days", "--federation", "--help", "--state", "-h"],
         "invite": ["--help", "--role", "--state", "--ttl", "-h", "site"],
         "partition": [
             "--algorithm",
@@ -121,10 +122,22 @@ def test_cli_flags_are_pinned() -> None:
             "-h",
         ],
         "recipe": ["--base-model", "--help", "--json", "--recipe", "--state", "-h"],
-        "serve": ["--enrol-listen", "--heartbeat-seconds", "--help", "--listen", "--state", "-h"],
+        "serve": [
+            "--dashboard-listen",
+            "--dashboard-token-file",
+            "--enrol-listen",
+            "--heartbeat-seconds",
+            "--help",
+            "--listen",
+            "--metrics-listen",
+            "--state",
+            "-h",
+        ],
         "status": ["--help", "--json", "--state", "-h"],
         "audit": ["--export", "--help", "--json", "--state", "-h"],
         "revoke": ["--help", "--json", "--state", "-h", "site"],
+        "backup": ["--help", "--out", "--passphrase-file", "--state", "-h"],
+        "restore": ["--from", "--help", "--passphrase-file", "--state", "-h"],
         "assemble": [
             "--allow-partial",
             "--encoder-weights",

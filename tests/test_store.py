@@ -29,6 +29,7 @@ from protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unauthenticated,
 )
 from protocol.merkle import leaf_hash
@@ -125,6 +126,50 @@ class TestStoreContract:
         store.record_heartbeat(HeartbeatRecord("a", 1.0, "waiting"))
         store.record_heartbeat(HeartbeatRecord("a", 2.0, "training", step=3, total_steps=9))
         assert store.latest_heartbeats()["a"].step == 3
+
+    def test_heartbeat_history_is_bounded_and_oldest_first(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for module in ("coordinator.store_sqlite", "coordinator.store_memory"):
+            monkeypatch.setattr(f"{module}.HEARTBEAT_HISTORY", 3)
+        enrolled(store, "a", "b")
+        for step in range(5):
+            store.record_heartbeat(HeartbeatRecord("a", float(step), "training", step=step))
+        store.record_heartbeat(HeartbeatRecord("b", 9.0, "waiting"))
+        assert [h.step for h in store.heartbeat_history("a")] == [2, 3, 4]
+        assert [h.step for h in store.heartbeat_history("a", limit=2)] == [3, 4]
+        assert [h.phase for h in store.heartbeat_history("b")] == ["waiting"]
+        assert store.heartbeat_history("nobody") == []
+
+    def test_renewal_replaces_the_current_certificate_only(self, store: Store) -> None:
+        enrolled(store, "a")
+        events: list[str] = []
+
+        def event(record: SiteRecord) -> AuditEvent:
+            events.append(record.cert_serial)
+            return AuditEvent.new("renewed", {"serial": record.cert_serial})
+
+        renewed = store.renew_certificate("a", "1", site(serial="2"), audit=event)
+        assert renewed.cert_serial == "2" and renewed.enrolled_at == 1.0
+        with pytest.raises(FailedPrecondition, match="no longer current"):
+            store.renew_certificate("a", "1", site(serial="3"), audit=event)
+        with pytest.raises(NotFound):
+            store.renew_certificate("nobody", "1", site("nobody"), audit=event)
+        store.revoke_site("a", now=2.0)
+        with pytest.raises(PermissionDenied, match="revoked"):
+            store.renew_certificate("a", "2", site(serial="4"), audit=event)
+        assert store.get_site("a").cert_serial == "2"  # type: ignore[union-attr]
+        assert events == ["2"] and store.audit_size() == 1
+
+    def test_list_uploads_by_state(self, store: Store) -> None:
+        store.begin_upload(upload("u1"))
+        store.begin_upload(
+            UploadRecord("u2", "a", 1, (UploadFile("x", 1, "c" * 64),), created_at=2.0)
+        )
+        store.finish_upload("u1", "accepted", "", 3.0)
+        assert [u.upload_id for u in store.list_uploads()] == ["u1", "u2"]
+        assert [u.upload_id for u in store.list_uploads("open")] == ["u2"]
+        assert [u.upload_id for u in store.list_uploads("accepted")] == ["u1"]
 
     def test_assignments_need_a_plan_and_never_share_slots(self, store: Store) -> None:
         with pytest.raises(FailedPrecondition, match="no partition plan"):
@@ -351,7 +396,7 @@ def test_sqlite_migrates_a_version_1_store(tmp_path: Path) -> None:
     conn.executescript(_VERSION_1_UPLOADS)
     conn.close()
     store = open_store(f"sqlite:///{path}")
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION
     assert store.get_meta("federation") == "old"
     old = store.get_upload("u0")
     assert old is not None and old.state == "accepted" and old.receipt_json == ""
@@ -359,7 +404,7 @@ def test_sqlite_migrates_a_version_1_store(tmp_path: Path) -> None:
     assert store.audit_size() == 1
     store.close()
     reopened = open_store(f"sqlite:///{path}")  # migrating twice is a no-op
-    assert reopened.schema_version() == 2 and reopened.audit_size() == 1
+    assert reopened.schema_version() == SCHEMA_VERSION and reopened.audit_size() == 1
     reopened.close()
 
 

@@ -1,18 +1,29 @@
 """The site's gRPC client: pinned first contact, mutual TLS after, retries with backoff.
 
-Every call is idempotent on the coordinator's side, so transport failures (coordinator down or
-restarting, network loss) are retried with capped exponential backoff until ``give_up_after``;
-answers that are the coordinator's word (bad token, permission, ...) raise at once.
+Every call is idempotent on the coordinator's side, so transient failures are retried by the
+one helper here, :class:`Retry` (capped exponential backoff with jitter, each retry logged with
+its reason, a give-up time, and a stop event that SIGTERM/SIGINT set to end waiting at once).
+Transient: the coordinator down, restarting or unreachable (UNAVAILABLE, a missed deadline,
+a broken stream), a limit reached (RESOURCE_EXHAUSTED: too many calls, its disk full), a
+conflict (ABORTED), and any status that carries the coordinator's ``atoll-retry-after`` hint.
+Everything else is the coordinator's word (bad token, permission, bad input...) and raises at
+once as its :mod:`protocol.errors` class.
+
+Every unary call has a deadline (``FederationClient.deadline``); streams have none of their
+own, but HTTP/2 keepalive pings find a dead connection within ~40 s, and the coordinator
+cancels a stream that goes idle.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,7 +36,13 @@ from OpenSSL import SSL
 from protocol import federation_pb2 as pb
 from protocol import federation_pb2_grpc as pb_grpc
 from protocol import serde
-from protocol.errors import InvalidArgument, Unavailable, VerificationFailed, error_for_code_name
+from protocol.errors import (
+    Interrupted,
+    InvalidArgument,
+    Unavailable,
+    VerificationFailed,
+    error_for_code_name,
+)
 from protocol.identity import EnrolmentToken, coordinator_dns_name
 from protocol.messages import (
     AssignmentReply,
@@ -58,7 +75,18 @@ RETRYABLE = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.CANCELLED,
 }
+RETRY_AFTER_KEY = "atoll-retry-after"  # the coordinator's hint: transient, wait this long
 MAX_MESSAGE_BYTES = 16 << 20
+CALL_DEADLINE = 30.0  # seconds for one unary call (the coordinator answers in milliseconds)
+COMMIT_DEADLINE = 600.0
+HANDSHAKE_TIMEOUT = 10.0  # seconds for first contact's TCP connect and TLS handshake
+# Pings every 30 s on an idle or busy connection; no answer in 10 s means it is dead.
+KEEPALIVE: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -68,7 +96,9 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def fetch_pinned_ca(address: str, pin_sha256: str, timeout: float = 10.0) -> tuple[bytes, str]:
+def fetch_pinned_ca(
+    address: str, pin_sha256: str, timeout: float = HANDSHAKE_TIMEOUT
+) -> tuple[bytes, str]:
     """Reads the certificate chain the coordinator presents and returns the CA certificate
     whose sha256 is ``pin_sha256`` (PEM) and the federation the coordinator serves.
 
@@ -82,11 +112,11 @@ def fetch_pinned_ca(address: str, pin_sha256: str, timeout: float = 10.0) -> tup
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as error:
         raise Unavailable(f"cannot reach coordinator at {address}: {error}") from error
-    sock.settimeout(None)
+    sock.setblocking(False)
     connection = SSL.Connection(context, sock)
     connection.set_connect_state()
     try:
-        connection.do_handshake()
+        _handshake(connection, sock, time.monotonic() + timeout, address)
         chain = connection.get_peer_cert_chain(as_cryptography=True) or []
     except (SSL.Error, OSError) as error:
         raise Unavailable(f"TLS handshake with {address} failed: {error}") from error
@@ -109,6 +139,24 @@ def fetch_pinned_ca(address: str, pin_sha256: str, timeout: float = 10.0) -> tup
     )
 
 
+def _handshake(
+    connection: SSL.Connection, sock: socket.socket, deadline: float, address: str
+) -> None:
+    """The TLS handshake on a non-blocking socket, bounded by ``deadline`` (a coordinator
+    that accepts TCP and never answers must not hold first contact forever)."""
+    while True:
+        try:
+            connection.do_handshake()
+            return
+        except SSL.WantReadError:
+            readable, writable = [sock], []
+        except SSL.WantWriteError:
+            readable, writable = [], [sock]
+        left = deadline - time.monotonic()
+        if left <= 0 or not any(select.select(readable, writable, [], left)[:2]):
+            raise Unavailable(f"TLS handshake with {address}: no answer in {HANDSHAKE_TIMEOUT:g}s")
+
+
 def _federation_of(leaf: x509.Certificate) -> str:
     for uri in uri_sans(leaf):
         if uri.startswith("spiffe://") and uri.endswith("/coordinator"):
@@ -116,40 +164,80 @@ def _federation_of(leaf: x509.Certificate) -> str:
     raise VerificationFailed("coordinator certificate carries no spiffe://<federation>/coordinator")
 
 
+def retry_hint(error: grpc.RpcError) -> float | None:
+    """Seconds to wait before trying again when ``error`` is transient, else None."""
+    trailers: tuple[tuple[str, str | bytes], ...] = ()
+    if isinstance(error, grpc.Call):
+        trailers = tuple(error.trailing_metadata() or ())
+    for key, value in trailers:
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return 0.0
+    return 0.0 if error.code() in RETRYABLE else None
+
+
 def raise_unless_transient(error: grpc.RpcError) -> None:
-    """Raises the coordinator's answer as a domain error; returns for transport failures, so
+    """Raises the coordinator's answer as a domain error; returns for transient failures, so
     a resumable transfer can tell "try again" from "no"."""
-    if error.code() in RETRYABLE:
+    if retry_hint(error) is not None:
         return
     raise error_for_code_name(error.code().name, error.details() or error.code().name) from None
 
 
 @dataclass
 class Retry:
+    """How a site waits out transient failures: the one retry loop every call goes through.
+
+    Attributes:
+        initial: First wait (seconds); each failure doubles it, up to ``maximum``. Every wait
+            is drawn between half and all of it (jitter), so a thousand sites that lost the
+            coordinator together do not come back together.
+        give_up_after: Seconds of failing (from the first failure of a call) before raising
+            Unavailable; None retries for as long as it takes.
+        stop: Set (by SIGTERM/SIGINT) to end a wait at once: the call raises Interrupted.
+    """
+
     initial: float = 0.5
     maximum: float = 30.0
-    give_up_after: float | None = None  # seconds; None retries for as long as it takes
+    give_up_after: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
 
-    def run(
-        self, what: str, call: Callable[[], T], sleep: Callable[[float], None] = time.sleep
-    ) -> T:
+    def wait(self, seconds: float) -> None:
+        """Sleeps ``seconds`` unless stopped first (then raises Interrupted)."""
+        if self.stop.wait(seconds):
+            raise Interrupted("stopped while waiting to retry")
+
+    def run(self, what: str, call: Callable[[], T]) -> T:
+        """Calls ``call`` until it succeeds, retrying transient failures."""
         delay = self.initial
         started = time.monotonic()
+        attempt = 0
         while True:
+            if self.stop.is_set():
+                raise Interrupted(f"{what}: stopped")
             try:
                 return call()
             except grpc.RpcError as error:
                 code = error.code()
-                if code not in RETRYABLE:
+                hint = retry_hint(error)
+                if hint is None or self.stop.is_set():
+                    if self.stop.is_set():
+                        raise Interrupted(f"{what}: stopped") from None
                     raise error_for_code_name(code.name, error.details() or code.name) from None
                 reason = f"{code.name} ({error.details()})"
             except Unavailable as error:
-                reason = str(error)
+                hint, reason = 0.0, str(error)
+            attempt += 1
             elapsed = time.monotonic() - started
             if self.give_up_after is not None and elapsed >= self.give_up_after:
-                raise Unavailable(f"{what}: coordinator unreachable for {elapsed:.0f}s: {reason}")
-            log.info("[site] %s: %s, retrying in %.1fs", what, reason, delay)
-            sleep(delay * random.uniform(0.8, 1.2))
+                raise Unavailable(
+                    f"{what}: giving up after {elapsed:.0f}s and {attempt} attempts: {reason}"
+                )
+            pause = max(hint, delay * random.uniform(0.5, 1.0))
+            log.warning("[site] %s failed: %s; retry %d in %.1fs", what, reason, attempt, pause)
+            self.wait(pause)
             delay = min(delay * 2, self.maximum)
 
 
@@ -164,6 +252,7 @@ class FederationClient:
         key_pem: bytes | None = None,
         cert_pem: bytes | None = None,
         retry: Retry | None = None,
+        deadline: float = CALL_DEADLINE,
     ) -> None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
@@ -175,8 +264,10 @@ class FederationClient:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # HTTP/2 frames of up to 16 MiB instead of 16 KiB: ~20% more upload throughput here.
             ("grpc.http2.max_frame_size", (1 << 24) - 1),
+            *KEEPALIVE,
         ]
         self.address = address
+        self.deadline = deadline
         self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.FederationStub(self._channel)
         self.retry = retry or Retry()
@@ -190,21 +281,29 @@ class FederationClient:
     def close(self) -> None:
         self._channel.close()
 
+    def interrupt(self) -> None:
+        """Ends every wait and call in flight at once (from a signal handler): they raise
+        Interrupted."""
+        self.retry.stop.set()
+        self._channel.close()
+
+    def _call(
+        self, what: str, method: Callable[..., T], request: object, deadline: float | None = None
+    ) -> T:
+        seconds = deadline or self.deadline
+        return self.retry.run(what, lambda: method(request, timeout=seconds))
+
     def enroll(self, token: EnrolmentToken, csr_pem: bytes) -> Enrolment:
         request = pb.EnrollRequest(token=token.credential, site_name=token.site, csr_pem=csr_pem)
-        return serde.enrolment_from_pb(self.retry.run("Enroll", lambda: self._stub.Enroll(request)))
+        return serde.enrolment_from_pb(self._call("Enroll", self._stub.Enroll, request))
 
     def get_assignment(self) -> AssignmentReply:
-        reply = self.retry.run(
-            "GetAssignment", lambda: self._stub.GetAssignment(pb.GetAssignmentRequest())
-        )
+        reply = self._call("GetAssignment", self._stub.GetAssignment, pb.GetAssignmentRequest())
         return serde.assignment_from_pb(reply)
 
     def heartbeat(self, beat: Heartbeat) -> HeartbeatReply:
         request = serde.heartbeat_to_pb(beat)
-        return serde.heartbeat_reply_from_pb(
-            self.retry.run("Heartbeat", lambda: self._stub.Heartbeat(request))
-        )
+        return serde.heartbeat_reply_from_pb(self._call("Heartbeat", self._stub.Heartbeat, request))
 
     def download_stream(self, name: str, offset: int) -> Iterator[pb.DownloadArtifactResponse]:
         """One attempt at streaming ``name`` from ``offset`` (callers resume on failure)."""
@@ -217,11 +316,13 @@ class FederationClient:
             expert_index=expert_index, files=serde.upload_files_to_pb(files)
         )
         return serde.upload_status_from_pb(
-            self.retry.run("BeginUpload", lambda: self._stub.BeginUpload(request))
+            self._call("BeginUpload", self._stub.BeginUpload, request)
         )
 
     def upload_chunks(self, chunks: Iterator[UploadChunk]) -> dict[str, int]:
-        """One attempt at streaming chunks (callers resume from BeginUpload on failure)."""
+        """One attempt at streaming chunks (callers resume from BeginUpload on failure: a
+        transient failure raises grpc.RpcError for :meth:`Retry.run`, any other its
+        domain error)."""
         try:
             reply = self._stub.UploadChunk(serde.chunk_to_pb(c) for c in chunks)
         except grpc.RpcError as error:
@@ -231,9 +332,9 @@ class FederationClient:
 
     def commit_upload(self, upload_id: str) -> CommitResult:
         request = pb.CommitUploadRequest(upload_id=upload_id)
-        return serde.commit_from_pb(
-            self.retry.run("CommitUpload", lambda: self._stub.CommitUpload(request))
-        )
+        # Commit may hash a resumed file again at the coordinator: minutes for a large one.
+        reply = self._call("CommitUpload", self._stub.CommitUpload, request, COMMIT_DEADLINE)
+        return serde.commit_from_pb(reply)
 
     def renew_certificate(self, csr_pem: bytes) -> bytes:
         """A new certificate (PEM) for the key and identity of the one this channel uses."""
@@ -242,9 +343,7 @@ class FederationClient:
         return bytes(reply.certificate_pem)
 
     def get_ensemble(self) -> EnsembleInfo:
-        reply = self.retry.run(
-            "GetEnsemble", lambda: self._stub.GetEnsemble(pb.GetEnsembleRequest())
-        )
+        reply = self._call("GetEnsemble", self._stub.GetEnsemble, pb.GetEnsembleRequest())
         return serde.ensemble_from_pb(reply)
 
 

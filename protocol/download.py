@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 from tqdm import tqdm
 
-from protocol.client import FederationClient, raise_unless_transient
+from protocol.client import FederationClient
 from protocol.digests import file_sha256
 from protocol.errors import VerificationFailed
 from protocol.messages import ArtifactRef
@@ -40,7 +37,6 @@ def download_artifact(
     ref: ArtifactRef,
     dest_dir: Path,
     progress: bool = False,
-    sleep: Callable[[float], None] = time.sleep,
     target: Path | None = None,
 ) -> Path:
     """Downloads ``ref`` to ``target`` (default ``dest_dir / ref.name``), resuming a ``.part``
@@ -50,40 +46,32 @@ def download_artifact(
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    delay = client.retry.initial
-    while True:
+
+    def attempt() -> None:
+        # Each attempt resumes from what the .part file holds.
         offset = part.stat().st_size if part.exists() else 0
         if offset > ref.size:
             part.unlink()
             offset = 0
-        try:
-            with (
-                part.open("ab") as handle,
-                progress_bar(ref.size, offset, ref.name, progress) as bar,
-            ):
-                for message in client.download_stream(ref.name, offset):
-                    if message.HasField("artifact") and message.artifact.sha256 != ref.sha256:
-                        raise VerificationFailed(
-                            f"artifact {ref.name}: coordinator serves sha256 "
-                            f"{message.artifact.sha256[:16]}.., the assignment says {ref.sha256[:16]}.."
-                        )
-                    if message.data:
-                        handle.write(message.data)
-                        bar.update(len(message.data))
-            break
-        except grpc.RpcError as error:
-            raise_unless_transient(error)
-            log.info(
-                "[site] download of %s interrupted (%s); resuming", ref.name, error.code().name
-            )
-            sleep(delay)
-            delay = min(delay * 2, client.retry.maximum)
+        with part.open("ab") as handle, progress_bar(ref.size, offset, ref.name, progress) as bar:
+            for message in client.download_stream(ref.name, offset):
+                if message.HasField("artifact") and message.artifact.sha256 != ref.sha256:
+                    raise VerificationFailed(
+                        f"artifact {ref.name}: coordinator serves sha256 "
+                        f"{message.artifact.sha256[:16]}.., the assignment says {ref.sha256[:16]}.."
+                    )
+                if message.data:
+                    handle.write(message.data)
+                    bar.update(len(message.data))
+
+    client.retry.run(f"download of {ref.name}", attempt)
     actual = file_sha256(part)
-    if part.stat().st_size != ref.size or actual != ref.sha256:
+    size = part.stat().st_size
+    if size != ref.size or actual != ref.sha256:
         part.unlink()  # a corrupt partial file would poison every resume
         raise VerificationFailed(
             f"artifact {ref.name}: expected sha256 {ref.sha256[:16]}.. ({ref.size} bytes), "
-            f"got {actual[:16]}.. ({part.stat().st_size if part.exists() else 0} bytes)"
+            f"got {actual[:16]}.. ({size} bytes)"
         )
     os.replace(part, target)
     return target

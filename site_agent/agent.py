@@ -10,6 +10,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 from protocol.client import Credentials, FederationClient, Retry, enrol_with_token
 from protocol.download import download_artifact
-from protocol.errors import AtollError, FailedPrecondition, VerificationFailed
+from protocol.errors import AtollError, FailedPrecondition, Interrupted, VerificationFailed
 from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
 from site_agent import expert, renewal
 from site_agent.supervisor import Supervisor, SupervisorConfig
@@ -80,6 +82,7 @@ class Agent:
     phase: str = "waiting"
     heartbeat_seconds: float = 10.0
     message: str = ""
+    until: str | None = None  # stop (successfully) once this phase is reached
     _training: dict[str, Any] = field(default_factory=dict)
     _supervisor: Supervisor | None = None
     _next_beat: float = 0.0
@@ -111,10 +114,43 @@ class Agent:
         self.client = connect(self.workdir, old.address, retry=old.retry)
         old.close()
 
-    def beat(self) -> Directive:
+    def interrupt(self) -> None:
+        """What SIGTERM/SIGINT do: :meth:`halt`, and a call in flight or a wait to retry
+        one ends at once (it raises Interrupted)."""
+        self.halt()
+        if self.client is not None:
+            self.client.interrupt()
+
+    def reached(self) -> bool:
+        """Whether the loop should end here: stopped, or at the ``until`` phase."""
+        return self.stop.is_set() or (self.until is not None and self.phase == self.until)
+
+    @contextmanager
+    def beating(self) -> Iterator[None]:
+        """Heartbeats from a thread of their own while the body runs (an upload), so the
+        coordinator sees "uploading", not a site silent since training."""
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.wait(self.heartbeat_seconds):
+                try:
+                    self.beat(renew=False)
+                except AtollError as error:
+                    log.warning("[site] heartbeat during upload failed: %s", error)
+
+        thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=1.0)  # a beat still retrying ends with the process
+
+    def beat(self, renew: bool = True) -> Directive:
         if self.client is None:
             return Directive.CONTINUE
-        self.renew_if_due()
+        if renew:  # not from the upload's heartbeat thread: the upload holds this client
+            self.renew_if_due()
         t = self._training
         reply = self.client.heartbeat(
             Heartbeat(
@@ -204,16 +240,22 @@ class Agent:
                 return  # stopped; the trainer saved a checkpoint to resume from
             self._set_phase("signing", f"trained {done['step']} steps", training_done=done)
             state = self.workdir.agent_state()
+        if self.reached():
+            return
         if self.phase == "signing":
             started = datetime.fromtimestamp(float(state["training_started"]), UTC)
             expert.sign(self.workdir, inputs, state["training_done"], started)
             self._set_phase("uploading", "checkpoint signed")
+        if self.reached():
+            return
         if self.phase == "uploading" and self.client is not None:
             model_dir = Path(state["training_done"]["model_dir"])
             files = signed_manifest(model_dir)  # the digests model.sig already holds
-            result = upload_directory(
-                self.client, inputs.expert_index, model_dir, self.progress, files=files
-            )
+            self.beat()
+            with self.beating():
+                result = upload_directory(
+                    self.client, inputs.expert_index, model_dir, self.progress, files=files
+                )
             if not result.accepted:
                 self._set_phase("failed", f"upload rejected: {result.reason}")
                 self.beat()
@@ -224,13 +266,15 @@ class Agent:
         """One pass: advance as far as the federation allows, then heartbeat."""
         if self.phase in ("waiting", "assigned", "downloading"):
             assignment = self.fetch_assignment()
-            if assignment is not None:
+            if assignment is not None and not self.reached():
                 self.fetch_artifacts(assignment)
-        if self.phase in ("ready", "training", "signing", "uploading") and not self.stop.is_set():
+        if self.phase in ("ready", "training", "signing", "uploading") and not self.reached():
             assignment = self.workdir.assignment()
             assert assignment is not None
             try:
                 self.work(assignment)
+            except Interrupted:
+                raise  # told to stop: nothing failed
             except AtollError as error:
                 self._set_phase("failed", str(error)[:500])
                 self.beat()
@@ -238,7 +282,12 @@ class Agent:
         return self.beat()
 
     def run(self, until: str | None = None) -> int:
-        """Loops until done, stopped, directed to stop, or (``until``) a phase is reached."""
+        """Loops until done, stopped, directed to stop, or (``until``) a phase is reached.
+
+        Returns 0 when done or at ``until``, 1 when the coordinator directs a stop; a signal
+        (:meth:`halt`) raises Interrupted from whatever call or wait was in flight.
+        """
+        self.until = until
         saved = self.workdir.agent_state().get("phase")
         if saved in RESUMABLE and self.workdir.assignment() is not None:
             self.phase = saved
@@ -251,7 +300,7 @@ class Agent:
             if self.phase == "done" or (until is not None and self.phase == until):
                 return 0
             self.stop.wait(self.heartbeat_seconds)
-        return 0
+        raise Interrupted("stopped by a signal")
 
 
 # Phases a restarted agent resumes at (earlier ones are re-derived from the coordinator).

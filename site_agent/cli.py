@@ -7,22 +7,29 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from protocol.cli_support import run_parser
-from protocol.client import FederationClient
-from protocol.errors import FailedPrecondition, InvalidArgument
+from protocol.cli_support import parse_duration, run_parser
+from protocol.client import FederationClient, Retry
+from protocol.errors import FailedPrecondition, Interrupted, InvalidArgument
 from protocol.messages import PHASES
 from protocol.x509 import load_certificate
 from site_agent.agent import RESUMABLE, Agent, connect, enrol, require_enrolled
 from site_agent.workdir import Workdir, read_json
 
 log = logging.getLogger("atoll.site")
+# An enrolled site rides out a coordinator down for a long weekend; first contact does not.
+GIVE_UP = "3d"
+FIRST_CONTACT_GIVE_UP = "1m"
 
 
 def cmd_join(args: argparse.Namespace) -> int:
     workdir = Workdir(Path(args.workdir))
+    stop = threading.Event()
+    _on_signal(stop.set)  # from here on: enrolment's waits end at once too
     if workdir.is_enrolled():
         if args.token:
             log.info("[site] %s is already enrolled; ignoring --token", workdir.root)
@@ -33,10 +40,19 @@ def cmd_join(args: argparse.Namespace) -> int:
         if not args.coordinator:
             print("error: pass --coordinator HOST:PORT to enrol", file=sys.stderr)
             return 2
-        enrol(workdir, args.coordinator, args.token, args.enrol_address)
-    with connect(workdir, args.coordinator) as client:
+        first_contact = Retry(give_up_after=parse_duration(args.first_contact_give_up), stop=stop)
+        enrol(workdir, args.coordinator, args.token, args.enrol_address, first_contact)
+    retry = Retry(give_up_after=parse_duration(args.give_up), stop=stop)
+    with connect(workdir, args.coordinator, retry) as client:
         agent = _agent(args, workdir, client)
+        if stop.is_set():
+            raise Interrupted("stopped by a signal")
         return agent.run(until=args.until)
+
+
+def _on_signal(handler: Callable[[], None]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: handler())
 
 
 def _agent(args: argparse.Namespace, workdir: Workdir, client: FederationClient | None) -> Agent:
@@ -47,8 +63,7 @@ def _agent(args: argparse.Namespace, workdir: Workdir, client: FederationClient 
         image_root=Path(args.image_root) if getattr(args, "image_root", None) else None,
         base_model=Path(args.base_model) if getattr(args, "base_model", None) else None,
     )
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: agent.halt())
+    _on_signal(agent.interrupt)
     return agent
 
 
@@ -148,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", required=True, help="the site's working directory")
     p.add_argument("--until", choices=PHASES, help="exit 0 once this phase is reached")
+    p.add_argument(
+        "--give-up",
+        default=GIVE_UP,
+        help=f"an enrolled site stops retrying a call after this long (default {GIVE_UP})",
+    )
+    p.add_argument(
+        "--first-contact-give-up",
+        default=FIRST_CONTACT_GIVE_UP,
+        help="enrolment stops retrying after this long "
+        f"(default {FIRST_CONTACT_GIVE_UP}: a wrong address should not wait for days)",
+    )
     _training_flags(p)
     p.set_defaults(fn=cmd_join)
 

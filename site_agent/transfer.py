@@ -7,18 +7,16 @@ coordinator says it received (BeginUpload).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import grpc
 from tqdm import tqdm
 
-from protocol.client import FederationClient, raise_unless_transient
+from protocol.client import FederationClient
 from protocol.digests import file_sha256
 from protocol.download import progress_bar
 from protocol.errors import VerificationFailed
-from protocol.messages import CommitResult, UploadChunk, UploadFile
+from protocol.messages import CommitResult, UploadChunk, UploadFile, UploadStatus
 from protocol.signing import SIGNATURE_FILE, read_signed_digests
 
 log = logging.getLogger("atoll.site")
@@ -72,28 +70,23 @@ def upload_directory(
     directory: Path,
     progress: bool = False,
     files: list[UploadFile] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> CommitResult:
     """Uploads every file of ``directory`` for ``expert_index`` and commits the session."""
     manifest = directory_manifest(directory) if files is None else files
     total = sum(f.size for f in manifest)
-    delay = client.retry.initial
-    while True:
+
+    def attempt() -> UploadStatus:
+        # Each attempt resumes from what the coordinator says it received.
         status = client.begin_upload(expert_index, manifest)
-        if status.state != "open":
-            break
-        done = sum(min(status.received.get(f.path, 0), f.size) for f in manifest)
-        try:
+        if status.state == "open":
+            done = sum(min(status.received.get(f.path, 0), f.size) for f in manifest)
             with progress_bar(total, done, f"upload expert-{expert_index}", progress) as bar:
                 client.upload_chunks(
                     _chunks(directory, status.upload_id, manifest, status.received, bar)
                 )
-            break
-        except grpc.RpcError as error:
-            raise_unless_transient(error)
-            log.info("[site] upload interrupted (%s); resuming", error.code().name)
-            sleep(delay)
-            delay = min(delay * 2, client.retry.maximum)
+        return status
+
+    status = client.retry.run(f"upload of expert {expert_index}", attempt)
     result = client.commit_upload(status.upload_id)
     if not result.accepted:
         log.warning("[site] upload %s not accepted: %s", status.upload_id, result.reason)

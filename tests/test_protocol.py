@@ -155,6 +155,8 @@ def test_cli_flags_are_pinned() -> None:
             "--base-model",
             "--coordinator",
             "--enrol-address",
+            "--first-contact-give-up",
+            "--give-up",
             "--help",
             "--image-root",
             "--token",

@@ -164,7 +164,7 @@ def test_upload_interrupted_at_half_resumes_from_received_offset(
     try:
         retry = Retry(initial=0.05, maximum=0.2, give_up_after=10)
         with connect(workdir, f"127.0.0.1:{proxy.port}", retry=retry) as client:
-            result = upload_directory(client, 0, model, sleep=lambda _: None)
+            result = upload_directory(client, 0, model)
     finally:
         proxy.close()
     assert result.accepted, result.reason

@@ -339,7 +339,7 @@ class FederationClient:
     def renew_certificate(self, csr_pem: bytes) -> bytes:
         """A new certificate (PEM) for the key and identity of the one this channel uses."""
         request = pb.RenewCertificateRequest(csr_pem=csr_pem)
-        reply = self.retry.run("RenewCertificate", lambda: self._stub.RenewCertificate(request))
+        reply = self._call("RenewCertificate", self._stub.RenewCertificate, request)
         return bytes(reply.certificate_pem)
 
     def get_ensemble(self) -> EnsembleInfo:

@@ -233,7 +233,8 @@ class Retry:
             elapsed = time.monotonic() - started
             if self.give_up_after is not None and elapsed >= self.give_up_after:
                 raise Unavailable(
-                    f"{what}: giving up after {elapsed:.0f}s and {attempt} attempts: {reason}"
+                    f"{what}: coordinator unreachable for {elapsed:.0f}s ({attempt} attempts), "
+                    f"giving up: {reason}"
                 )
             pause = max(hint, delay * random.uniform(0.5, 1.0))
             log.warning("[site] %s failed: %s; retry %d in %.1fs", what, reason, attempt, pause)

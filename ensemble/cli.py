@@ -13,7 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ensemble import evaluate, generate_cli
+from ensemble import evaluate, generate_cli, serve_cli
 from ensemble.verify import verify_ensemble
 from protocol import PROTOCOL_VERSION
 from protocol.audit_log import Receipt, verify_log_file, verify_receipt
@@ -215,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_arguments(p)
     p.set_defaults(fn=evaluate.run)
+
+    p = commands.add_parser(
+        "serve", help="serve the ensemble over an OpenAI-compatible chat-completions API"
+    )
+    serve_cli.add_arguments(p)
+    p.set_defaults(fn=serve_cli.run)
 
     p = commands.add_parser("download", help="fetch the published ensemble and verify it")
     p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")

@@ -74,6 +74,7 @@ __all__ = [
     "ImageInput",
     "RoutedEnsemble",
     "RoutedGeneration",
+    "TokenWatcher",
     "Verifier",
     "chat_prompt",
     "load_centroids",
@@ -86,6 +87,12 @@ ImageInput = Image.Image | str | Path | None
 
 Verifier = Callable[[Path, EnsembleManifest], None]
 """Checks an ensemble directory against its manifest; raises VerificationFailed."""
+
+TokenWatcher = Callable[[list[int], list[int]], list[bool]]
+"""Called after every decoding step with the samples still decoding (their positions in the
+call) and the token each just chose (the end-of-sequence token included, once); returns, per
+sample, whether to stop it there (a server streams the tokens and stops a sample whose client
+left or whose own ``max_tokens`` is reached). A stopped sample keeps the tokens it chose."""
 
 
 @dataclass(frozen=True)
@@ -511,6 +518,7 @@ class RoutedEnsemble:
         text_only: str | TextOnlyStrategy | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
+        top_p: float = 1.0,
         seed: int | None = None,
         batch_size: int | None = None,
     ) -> list[str]:
@@ -523,6 +531,7 @@ class RoutedEnsemble:
             text_only=text_only,
             do_sample=do_sample,
             temperature=temperature,
+            top_p=top_p,
             seed=seed,
             batch_size=batch_size,
         ).texts
@@ -537,8 +546,10 @@ class RoutedEnsemble:
         text_only: str | TextOnlyStrategy | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
+        top_p: float = 1.0,
         seed: int | None = None,
         batch_size: int | None = None,
+        watch: TokenWatcher | None = None,
     ) -> RoutedGeneration:
         """Answers a batch of prompts, with the tokens and routing of each.
 
@@ -550,6 +561,8 @@ class RoutedEnsemble:
             text_only: Strategy for prompts without an image (default: the manifest's).
             do_sample: Sample instead of greedy decoding.
             temperature: Sampling temperature (> 0), applied to the mixture.
+            top_p: Nucleus sampling: sample among the most likely tokens whose probabilities
+                add up to ``top_p`` (0 < top_p <= 1; 1 keeps every token).
             seed: Makes sampling reproducible.
             batch_size: Most rows of one model call (a sample mixing ``k`` experts takes
                 ``k``); default: every sample in one call. Given many prompts at once, the
@@ -557,6 +570,8 @@ class RoutedEnsemble:
                 call reads one expert's weights, as a dense model's batch does
                 (:func:`ensemble.scheduling.batches`). The prompts are encoded together:
                 pass a few hundred at a time.
+            watch: Sees every chosen token as it is chosen and may stop samples early
+                (:data:`TokenWatcher`); the tokens it sees are the ones returned.
 
         Raises:
             InvalidArgument: mismatched lengths, a bad ``top_k``/``text_only``/``temperature``/
@@ -569,6 +584,8 @@ class RoutedEnsemble:
             raise InvalidArgument(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
         if do_sample and not temperature > 0:
             raise InvalidArgument(f"temperature: expected > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise InvalidArgument(f"top_p: expected 0 < top_p <= 1, got {top_p}")
         if batch_size is not None and batch_size < 1:
             raise InvalidArgument(f"batch_size: expected >= 1, got {batch_size}")
         k = self.router._check_top_k(self.manifest.router.top_k if top_k is None else top_k)
@@ -582,7 +599,7 @@ class RoutedEnsemble:
         pictures = [None if image is None else open_image(image) for image in images]
         batch = _Batch(self, pictures, prompts)
         routes = self._static_routes(batch, prompts, k, strategy, batch_size)
-        sampling = _Sampling(do_sample, temperature, seed)
+        sampling = _Sampling(do_sample, temperature, seed, top_p)
 
         n = len(prompts)
         token_ids: list[list[int]] = [[] for _ in range(n)]
@@ -594,15 +611,27 @@ class RoutedEnsemble:
         dynamic = [i for i, r in enumerate(routes) if r is None]
         for i in single + mixed:
             experts[i], weights[i] = routes[i]  # type: ignore[misc]
+        shown = [0] * n
+        if watch is not None:
+            user_watch = watch
+
+            def watch(samples: list[int], tokens: list[int]) -> list[bool]:
+                for i in samples:
+                    shown[i] += 1
+                return user_watch(samples, tokens)
+
         with self._handing_tower(batch), torch.inference_mode():
             # A call's position among its kind's calls seeds its sampling apart.
             for call, samples in enumerate(_calls(single, experts, batch_size)):
                 chosen = {i: experts[i][0] for i in samples}
-                for i, ids in self._top1(batch, chosen, max_new_tokens, sampling, call).items():
+                top1 = self._top1(batch, chosen, max_new_tokens, sampling, call, watch)
+                for i, ids in top1.items():
                     token_ids[i] = ids
             for call, samples in enumerate(_calls(mixed, experts, batch_size)):
                 plan = {i: (experts[i], weights[i]) for i in samples}
-                result = self._lockstep(batch, plan, k, max_new_tokens, sampling, False, call)
+                result = self._lockstep(
+                    batch, plan, k, max_new_tokens, sampling, False, call, watch
+                )
                 for i in samples:
                     token_ids[i] = result[i][0]
             present = self.manifest.present_experts
@@ -611,9 +640,12 @@ class RoutedEnsemble:
                 experts[i], weights[i] = present, prior
             for call, samples in enumerate(_calls(dynamic, experts, batch_size)):
                 plan = {i: (present, prior) for i in samples}
-                result = self._lockstep(batch, plan, k, max_new_tokens, sampling, True, call)
+                result = self._lockstep(batch, plan, k, max_new_tokens, sampling, True, call, watch)
                 for i in samples:
                     token_ids[i], posteriors[i] = result[i]
+        if watch is not None:
+            # A stopped sample's row went on as padding until its call ended.
+            token_ids = [ids[: shown[i]] for i, ids in enumerate(token_ids)]
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return RoutedGeneration(texts, token_ids, experts, weights, posteriors)
 
@@ -647,6 +679,7 @@ class RoutedEnsemble:
         max_new_tokens: int,
         sampling: _Sampling,
         call: int,
+        watch: TokenWatcher | None = None,
     ) -> dict[int, list[int]]:
         """Top-1: the samples grouped by expert, each unit one batched ``generate`` (one for
         the whole batch when the experts stack or are LoRA adapters over one base)."""
@@ -654,11 +687,13 @@ class RoutedEnsemble:
         units = self.experts.units([chosen[i] for i in order], [batch.has_image[i] for i in order])
         options: dict[str, Any] = {"do_sample": sampling.do_sample}
         if sampling.do_sample:
-            options.update(temperature=sampling.temperature, top_k=0, top_p=1.0)
+            options.update(temperature=sampling.temperature, top_k=0, top_p=sampling.top_p)
         tokens: dict[int, list[int]] = {}
         for unit in units:
             members = order[unit.start : unit.end]
             inputs = batch.select(members)
+            if watch is not None:
+                options["stopping_criteria"] = _watching(watch, members, self._eos())
             with torch.random.fork_rng(devices=_rng_devices(self.device)):
                 if sampling.seed is not None:
                     torch.manual_seed(_call_seed(sampling.seed, call) + unit.start)
@@ -683,6 +718,7 @@ class RoutedEnsemble:
         sampling: _Sampling,
         posterior: bool,
         call: int,
+        watch: TokenWatcher | None = None,
     ) -> dict[int, tuple[list[int], torch.Tensor | None]]:
         """Top-k > 1 and the posterior: experts step together, each with its own KV cache over
         the samples routed to it, and the next token comes from the mixture.
@@ -742,6 +778,10 @@ class RoutedEnsemble:
                 update = torch.where(finished[:, None], torch.zeros_like(step), step)
                 log_weights = torch.log_softmax(log_weights + update, dim=-1)
                 history.append(log_weights.exp())
+            if watch is not None:
+                live = (~finished).nonzero()[:, 0].tolist()
+                stop = watch([samples[b] for b in live], next_tokens[live].tolist())
+                finished[[b for b, s in zip(live, stop, strict=True) if s]] = True
             finished |= torch.isin(next_tokens, eos)
             if position == max_new_tokens - 1 or bool(finished.all()):
                 break
@@ -822,6 +862,7 @@ class _Sampling:
     do_sample: bool
     temperature: float
     seed: int | None
+    top_p: float = 1.0
 
     def generator(self, device: torch.device, call: int) -> torch.Generator:
         generator = torch.Generator(device=device)
@@ -835,7 +876,37 @@ class _Sampling:
         if not self.do_sample:
             return log_probs.argmax(dim=-1)
         probabilities = torch.softmax(log_probs / self.temperature, dim=-1)
+        if self.top_p < 1:
+            # The nucleus: the most likely tokens until their mass reaches top_p (the first
+            # always stays), as transformers' TopPLogitsWarper keeps them.
+            ordered, order = probabilities.sort(dim=-1, descending=True)
+            outside = ordered.cumsum(dim=-1) - ordered >= self.top_p
+            kept = ordered.masked_fill(outside, 0.0)
+            probabilities = torch.zeros_like(probabilities).scatter(-1, order, kept)
         return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+
+
+def _watching(watch: TokenWatcher, members: list[int], eos: set[int]) -> Any:
+    """``watch`` as transformers' stopping criteria of one ``generate`` over ``members``:
+    called after each step, it stops the rows ``watch`` stops; rows past their
+    end-of-sequence token (padding from then on) are not shown again."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Watching(StoppingCriteria):
+        def __init__(self) -> None:
+            self.done = [False] * len(members)
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            tokens = input_ids[:, -1].tolist()
+            live = [row for row, done in enumerate(self.done) if not done]
+            stop = watch([members[row] for row in live], [tokens[row] for row in live])
+            stopped = torch.zeros(len(members), dtype=torch.bool, device=input_ids.device)
+            for row, halt in zip(live, stop, strict=True):
+                self.done[row] = halt or tokens[row] in eos
+                stopped[row] = halt
+            return stopped
+
+    return StoppingCriteriaList([Watching()])
 
 
 def _call_seed(seed: int, call: int) -> int:

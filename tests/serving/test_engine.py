@@ -1,0 +1,185 @@
+"""The in-process server's batching and flow control, with ``atoll serve``'s app in a
+uvicorn thread on loopback: concurrent requests share one batch, a full queue answers 429, a
+slow request 504, and a client leaving mid-stream stops its generation and frees its slot."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from ensemble_runtime.builders import picture
+
+from ensemble.runtime import RoutedEnsemble
+from ensemble.serve.app import create_app
+from ensemble.serve.engine import Engine
+from ensemble.serve.local import LocalBackend
+
+from .servers import free_port, user
+
+
+@contextlib.contextmanager
+def running(
+    ensemble: RoutedEnsemble, timeout_s: float = 120.0, **engine: Any
+) -> Iterator[tuple[str, Engine]]:
+    """The app over a fresh engine, served by uvicorn in a thread."""
+    worker = Engine(ensemble, **engine)
+    worker.start()
+    app = create_app(LocalBackend(worker, "atoll", max_tokens=64, timeout_s=timeout_s), "atoll")
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="none")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1/chat/completions", worker
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+class Gate:
+    """Wraps the ensemble's ``generate_tokens``: holds each call until opened, and slows
+    every decoding step by ``step_s`` (so a test can act while a call runs)."""
+
+    def __init__(
+        self, ensemble: RoutedEnsemble, monkeypatch: pytest.MonkeyPatch, step_s: float = 0.0
+    ) -> None:
+        self.opened = threading.Event()
+        self.returned = threading.Event()
+        self.steps = 0
+        original = ensemble.generate_tokens
+
+        def gated(*args: Any, watch: Any = None, **kwargs: Any) -> Any:
+            self.opened.wait(timeout=60)
+
+            def slow(samples: list[int], tokens: list[int]) -> list[bool]:
+                self.steps += 1
+                time.sleep(step_s)
+                return watch(samples, tokens) if watch else [False] * len(samples)
+
+            try:
+                return original(*args, watch=slow, **kwargs)
+            finally:
+                self.returned.set()
+
+        monkeypatch.setattr(ensemble, "generate_tokens", gated)
+
+
+def _body(
+    kind: str = "red-square", variant: int = 1, max_tokens: int = 8, **fields: Any
+) -> dict[str, Any]:
+    messages = user("What is in the picture?", picture(kind, variant))
+    return {
+        "model": "atoll",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    } | fields
+
+
+def _wait_for(condition: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_concurrent_requests_run_as_one_batch(ensemble: RoutedEnsemble) -> None:
+    requests = [("red-square", 1), ("blue-circle", 1), ("red-square", 2), ("blue-circle", 3)]
+    answers: dict[int, Any] = {}
+    with running(ensemble, window_s=1.0, max_batch=4) as (url, engine):
+
+        def send(i: int) -> None:
+            answers[i] = httpx.post(
+                url, json=_body(*requests[i], max_tokens=6 + i), timeout=60
+            ).json()
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert engine.batches == [4]
+    for i, (kind, variant) in enumerate(requests):
+        # Each its own max_tokens inside one call, and each the answer it gets alone.
+        alone = ensemble.generate_tokens(
+            [picture(kind, variant)], ["What is in the picture?"], 6 + i
+        )
+        assert answers[i]["choices"][0]["message"]["content"] == alone.texts[0]
+        assert answers[i]["usage"]["completion_tokens"] == 6 + i
+        assert answers[i]["routing"]["experts"] == alone.experts[0]
+
+
+def test_a_full_queue_answers_429(
+    ensemble: RoutedEnsemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(ensemble, monkeypatch)
+    replies: list[httpx.Response] = []
+    with running(ensemble, max_queue=2, max_batch=1) as (url, engine):
+        waiting = [
+            threading.Thread(
+                target=lambda: replies.append(httpx.post(url, json=_body(), timeout=60))
+            )
+            for _ in range(2)
+        ]
+        for thread in waiting:
+            thread.start()
+        _wait_for(lambda: engine.admitted == 2)
+        refused = httpx.post(url, json=_body(), timeout=60)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "--max-queue 2" in refused.json()["error"]["message"]
+        gate.opened.set()
+        for thread in waiting:
+            thread.join()
+        assert [r.status_code for r in replies] == [200, 200]
+        assert engine.admitted == 0
+
+
+def test_a_request_past_its_timeout_answers_504(
+    ensemble: RoutedEnsemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(ensemble, monkeypatch)
+    with running(ensemble, timeout_s=0.5) as (url, engine):
+        reply = httpx.post(url, json=_body(), timeout=60)
+        assert reply.status_code == 504
+        assert reply.json()["error"] == {
+            "message": "request timed out after 0.5 s (--timeout)",
+            "type": "timeout",
+            "code": "timeout",
+            "param": None,
+        }
+        assert engine.admitted == 0  # its slot is free at once
+        gate.opened.set()
+        assert gate.returned.wait(30)
+        assert gate.steps == 1  # the timed-out request stopped at its first token
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(
+    ensemble: RoutedEnsemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(ensemble, monkeypatch, step_s=0.05)
+    gate.opened.set()
+    with running(ensemble, max_queue=1) as (url, engine):
+        with httpx.stream("POST", url, json=_body(max_tokens=64, stream=True), timeout=60) as reply:
+            assert reply.status_code == 200
+            contents = 0
+            for line in reply.iter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    contents += 1
+                if contents == 2:
+                    break  # leave: the connection closes with the block
+        assert gate.returned.wait(30)
+        assert 2 <= gate.steps < 20  # far short of 64 tokens
+        _wait_for(lambda: engine.admitted == 0)
+        # Its slot (the only one) is free: the next request is answered.
+        assert httpx.post(url, json=_body(max_tokens=2), timeout=60).status_code == 200

@@ -95,7 +95,9 @@ def check_expert(
             known_digests={f.path: f.sha256 for f in upload.files},
         )
     except AtollError as error:
-        return str(error)
+        # The reason goes to the site and the audit log: name files within the upload, not
+        # where this coordinator keeps them.
+        return str(error).replace(f"{directory}/", "").replace(str(directory), "the upload")
     return None
 
 

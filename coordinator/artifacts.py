@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from coordinator.store import ArtifactRecord, SiteRecord, Store
 from protocol.digests import file_sha256
 from protocol.errors import InvalidArgument, NotFound, PermissionDenied
 
+log = logging.getLogger("atoll.coordinator")
 CHUNK_SIZE = 1 << 20
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
 
@@ -97,6 +99,8 @@ def read_chunks(
         while offset < artifact.size:
             data = handle.read(min(chunk_size, artifact.size - offset))
             if not data:
-                raise NotFound(f"artifact {artifact.name!r}: {path} is shorter than recorded")
+                # The path stays in the coordinator's log: a site has no use for it.
+                log.error("[Artifacts] %s is shorter than its record says", path)
+                raise NotFound(f"artifact {artifact.name!r} is shorter than recorded")
             yield offset, data
             offset += len(data)

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -192,6 +193,58 @@ def cmd_audit(args: argparse.Namespace) -> int:
     else:
         console.print(f"audit log {report.log_id}: VERIFICATION FAILED: {report.error}")
     return code
+
+
+def cmd_uploads(args: argparse.Namespace) -> int:
+    """Upload sessions with their progress; ``--prune`` first deletes abandoned ones."""
+    from coordinator import upload
+
+    state = _state(args)
+    store = state.open_store()
+    try:
+        deleted: list[str] = []
+        if args.prune:
+            quota = upload.UploadQuota(abandon_after=parse_duration(args.older_than))
+            deleted = upload.prune(state, store, quota)
+        now = time.time()
+        rows: list[dict[str, Any]] = [
+            {
+                "upload_id": u.upload_id,
+                "site": u.site,
+                "expert": u.expert_index,
+                "state": u.state,
+                "received_bytes": sum(u.received.values()),
+                "total_bytes": sum(f.size for f in u.files),
+                "idle_seconds": round(now - upload.last_activity(state, u)),
+                "files_on_disk": (state.uploads_dir / u.upload_id).exists(),
+                "reason": u.reason,
+            }
+            for u in store.list_uploads()
+        ]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"deleted": deleted, "uploads": rows}, indent=2))
+        return 0
+    table = Table(title="upload sessions")
+    for column in ("upload", "site", "expert", "state", "received", "idle", "on disk", "reason"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["upload_id"])[:12],
+            str(row["site"]),
+            str(row["expert"]),
+            str(row["state"]),
+            f"{row['received_bytes']}/{row['total_bytes']}",
+            _ago(float(row["idle_seconds"])),
+            "yes" if row["files_on_disk"] else "",
+            str(row["reason"])[:60],
+        )
+    console = Console()
+    console.print(table)
+    if args.prune:
+        console.print(f"deleted the files of {len(deleted)} session(s)")
+    return 0
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
@@ -421,6 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True, help="a new or empty directory")
     p.add_argument("--passphrase-file", metavar="FILE", help="the backup's passphrase")
     p.set_defaults(fn=cmd_restore)
+
+    p = commands.add_parser("uploads", help="upload sessions; --prune deletes abandoned ones")
+    p.add_argument("--state", required=True)
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="reject open sessions idle past --older-than and delete rejected sessions' files",
+    )
+    p.add_argument("--older-than", default="7d", help="what counts as abandoned (default 7d)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_uploads)
 
     p = commands.add_parser("revoke", help="refuse a site's certificate from now on")
     p.add_argument("--state", required=True)

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -91,6 +91,7 @@ class Coordinator:
     auditor: audit.Auditor
     acceptance_checks: tuple[upload.AcceptanceCheck, ...] = ()
     heartbeat_seconds: int = sites.HEARTBEAT_SECONDS
+    quota: upload.UploadQuota = field(default_factory=upload.UploadQuota)
 
     @classmethod
     def open(cls, state: StateDir, heartbeat_seconds: int = sites.HEARTBEAT_SECONDS) -> Coordinator:
@@ -159,6 +160,9 @@ def _abort(context: grpc.ServicerContext, method: str, error: AtollError) -> Non
     context.abort(code, str(error))
 
 
+DISK_FULL_RETRY = 60.0  # seconds a site waits before trying again when the disk is full
+
+
 def _disk_full(error: Exception) -> bool:
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -174,7 +178,8 @@ def _handle(context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> 
     except Exception as error:
         if _disk_full(error):
             log.error("[Federation.%s] disk full: %s", method, error)
-            _abort(context, method, ResourceExhausted("coordinator disk full: try again later"))
+            full = ResourceExhausted("coordinator disk full: try again later", DISK_FULL_RETRY)
+            _abort(context, method, full)
         # Logged with its traceback here; the peer learns only that it was not its fault.
         log.exception("[Federation.%s] internal error", method)
         context.abort(
@@ -248,7 +253,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         def run() -> pb.BeginUploadResponse:
             site = self.c.caller(context)
             files = serde.upload_files_from_pb(list(request.files))
-            status = upload.begin(self.c.state, self.c.store, site, request.expert_index, files)
+            status = upload.begin(
+                self.c.state, self.c.store, site, request.expert_index, files, quota=self.c.quota
+            )
             log.info(
                 "[Federation.BeginUpload] site %s expert %d upload %s (%d files)",
                 site.name,
@@ -445,6 +452,19 @@ def build_server(
     return Bound(server, enrol_server, port, enrol_port, guard, enrol_guard, metrics, health)
 
 
+PRUNE_EVERY = 3600.0  # seconds between sweeps for abandoned upload sessions
+
+
+def _prune_uploads(coordinator: Coordinator, stop: threading.Event) -> None:
+    """Deletes abandoned and rejected upload sessions' files, hourly, until ``stop``."""
+    while not stop.is_set():
+        try:
+            upload.prune(coordinator.state, coordinator.store, coordinator.quota)
+        except Exception:  # a failed sweep is retried at the next; the server goes on
+            log.exception("[Uploads] pruning abandoned uploads failed")
+        stop.wait(PRUNE_EVERY)
+
+
 def serve(
     state: StateDir,
     listen: str,
@@ -469,6 +489,7 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=_prune_uploads, args=(coordinator, stop), daemon=True).start()
     stop.wait()
     log.info("[Coordinator] shutting down")
     bound.stop(grace=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -10,6 +11,7 @@ from protocol.errors import InvalidArgument
 from protocol.messages import PHASES, Directive, Heartbeat, HeartbeatReply
 
 HEARTBEAT_SECONDS = 10
+MAX_STEPS = 1 << 53  # SQLite stores at most 2^63 - 1; JSON readers lose precision past 2^53
 # A site is "silent" (not "failed": training goes on offline) after this many missed beats.
 SILENT_AFTER_BEATS = 6
 
@@ -25,6 +27,15 @@ def heartbeat(
         raise InvalidArgument(
             f"HeartbeatRequest.phase {beat.phase!r}: expected one of {', '.join(PHASES)}"
         )
+    for name in ("loss", "tokens_per_second", "eta_seconds"):
+        value = getattr(beat, name)
+        if not math.isfinite(value):
+            raise InvalidArgument(f"HeartbeatRequest.{name} {value}: expected a finite number")
+    for name in ("step", "total_steps"):
+        if not 0 <= getattr(beat, name) < MAX_STEPS:
+            raise InvalidArgument(
+                f"HeartbeatRequest.{name} {getattr(beat, name)}: expected 0 to {MAX_STEPS - 1}"
+            )
     if beat.total_steps and beat.step > beat.total_steps:
         raise InvalidArgument(
             f"HeartbeatRequest.step {beat.step} is past total_steps {beat.total_steps}"

@@ -141,7 +141,9 @@ class SqliteStore(Store):
         )
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on disk when it returns. NORMAL (WAL's usual) may lose the last
+        # commits at a power loss, and with them audit events whose receipts sites hold.
+        self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._check_not_newer()
         with self._lock:

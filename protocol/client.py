@@ -237,6 +237,8 @@ class Retry:
                     f"giving up: {reason}"
                 )
             pause = max(hint, delay * random.uniform(0.5, 1.0))
+            if self.give_up_after is not None:  # the last wait ends at the give-up time
+                pause = min(pause, self.give_up_after - elapsed)
             log.warning("[site] %s failed: %s; retry %d in %.1fs", what, reason, attempt, pause)
             self.wait(pause)
             delay = min(delay * 2, self.maximum)

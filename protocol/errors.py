@@ -16,6 +16,11 @@ class AtollError(Exception):
     exit_code = ExitCode.ERROR
     retry_after: float | None = None
 
+    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None:
+            self.retry_after = retry_after
+
 
 class InvalidArgument(AtollError):
     """The request or input is malformed (names the field and what was expected)."""

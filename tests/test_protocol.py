@@ -135,6 +135,7 @@ def test_cli_flags_are_pinned() -> None:
         ],
         "status": ["--help", "--json", "--state", "-h"],
         "audit": ["--export", "--help", "--json", "--state", "-h"],
+        "uploads": ["--help", "--json", "--older-than", "--prune", "--state", "-h"],
         "revoke": ["--help", "--json", "--state", "-h", "site"],
         "backup": ["--help", "--out", "--passphrase-file", "--state", "-h"],
         "restore": ["--from", "--help", "--passphrase-file", "--state", "-h"],

@@ -35,7 +35,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from coordinator import audit
 from coordinator.artifacts import check_artifact_name, register_artifact
 from coordinator.federation import signing_certificate
 from coordinator.federation_recipe import current_recipe
+from coordinator.router_files import cluster_priors, router_centroids, router_encoder
 from coordinator.state import StateDir
 from coordinator.store import EnsembleRecord, Store
 from coordinator.upload import upload_files_dir
@@ -55,7 +56,7 @@ from protocol.ensemble_manifest import (
     expert_path,
     parse_manifest,
 )
-from protocol.errors import FailedPrecondition, InvalidArgument, VerificationFailed
+from protocol.errors import FailedPrecondition, InvalidArgument, NotFound, VerificationFailed
 from protocol.identity import coordinator_spiffe_id
 from protocol.provenance import (
     ENSEMBLE_PREDICATE_TYPE,
@@ -72,7 +73,6 @@ __all__ = ["AssemblyConfig", "AssemblyResult", "ExpertChoice", "assemble", "choo
 
 PAPER = "Maschan, Qu, Liu (2026), Decentralized Autoregressive Generation, arXiv:2601.03184"
 ARTIFACT_PREFIX = "ensemble/"
-_OPEN_CLIP_CONFIGS = Path(__file__).parent / "partition" / "configs"
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,10 @@ class AssemblyConfig:
         top_k: Experts mixed per sample (1..present experts).
         text_only: How prompts without an image are routed.
         allow_partial: Assemble without missing (or revoked) experts.
-        encoder_weights: The plan's encoder weights file, when the plan used one.
+        encoder_weights: The plan's encoder weights file or CLIP folder, when it is not
+            where the plan's spec points.
+        fit_tau: Held-out data (an ``atoll eval`` file): fit tau on it instead of ``tau``.
+        fit_image_root: Where its images are (default: the data file's folder).
     """
 
     tau: float = 50.0
@@ -92,12 +95,16 @@ class AssemblyConfig:
     text_only: TextOnlyStrategy = TextOnlyStrategy.POSTERIOR
     allow_partial: bool = False
     encoder_weights: Path | None = None
+    fit_tau: Path | None = None
+    fit_image_root: Path | None = None
 
     def check(self) -> None:
         if not (self.tau > 0 and self.tau != float("inf")):
             raise InvalidArgument(f"--tau: expected a finite number > 0, got {self.tau}")
         if self.top_k < 1:
             raise InvalidArgument(f"--top-k: expected an integer >= 1, got {self.top_k}")
+        if self.fit_tau is not None and not self.fit_tau.is_file():
+            raise NotFound(f"--fit-tau {self.fit_tau}: no such file")
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,8 @@ class AssemblyResult:
     missing: list[int]
     dropped_revoked: list[int]
     files: int
-    details: dict[str, Any] = field(default_factory=dict)
+    tau: float = 50.0
+    tau_fit: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +141,8 @@ class AssemblyResult:
             "missing_experts": self.missing,
             "dropped_revoked": self.dropped_revoked,
             "files": self.files,
+            "tau": self.tau,
+            "tau_fit": self.tau_fit,
         }
 
 
@@ -199,88 +209,6 @@ def _copy_expert(state: StateDir, store: Store, choice: ExpertChoice, target: Pa
     return len(record.files)
 
 
-def _encoder(plan: dict[str, Any], staging: Path, weights_file: Path | None) -> dict[str, Any]:
-    """Copies the plan's feature model into ``router/encoder/``; returns the manifest entry."""
-    identity = dict(plan["encoder"])
-    if identity.get("backend") != "open_clip":
-        raise FailedPrecondition(
-            f"plan encoder backend {identity.get('backend')!r}: assembly supports open_clip "
-            "encoders (hf CLIPModel folders are not copied yet)"
-        )
-    model = str(identity["model"])
-    folder = staging / "router" / "encoder"
-    folder.mkdir(parents=True)
-    config_name = f"router/encoder/{model}.json"
-    bundled = _OPEN_CLIP_CONFIGS / f"{model}.json"
-    if bundled.is_file():
-        shutil.copyfile(bundled, staging / config_name)
-    else:
-        import open_clip
-
-        config = open_clip.get_model_config(model)
-        if config is None:
-            raise FailedPrecondition(f"plan encoder {model!r}: open_clip has no such model")
-        (staging / config_name).write_text(json.dumps(config, indent=2) + "\n")
-    weights = identity.get("weights") or {}
-    entry: dict[str, Any] = {
-        "backend": "open_clip",
-        "model": model,
-        "config_file": config_name,
-        "weights_file": None,
-        "init_seed": None,
-        "dim": int(identity["dim"]),
-        "image_size": identity["image_size"],
-        "identity": identity,
-    }
-    if "random_init_seed" in weights:
-        entry["init_seed"] = int(weights["random_init_seed"])
-    elif "sha256" in weights:
-        if weights_file is None or not weights_file.is_file():
-            raise FailedPrecondition(
-                f"the plan's encoder used weights {weights.get('file')!r}: give that file with "
-                "--encoder-weights FILE"
-            )
-        actual = file_sha256(weights_file)
-        if actual != weights["sha256"]:
-            raise VerificationFailed(
-                f"--encoder-weights {weights_file}: expected sha256 {weights['sha256'][:16]}.. "
-                f"(the plan's encoder), got {actual[:16]}.."
-            )
-        name = f"router/encoder/{weights.get('file') or weights_file.name}"
-        shutil.copyfile(weights_file, staging / name)
-        entry["weights_file"] = name
-    else:
-        raise FailedPrecondition(
-            f"the plan's encoder weights {weights}: assembly needs a seeded random "
-            "initialisation or a local weights file (--encoder-weights)"
-        )
-    entry["files"] = {f"router/encoder/{n}": d for n, d in folder_digests(folder).items()}
-    return entry
-
-
-def _centroids(state: StateDir, staging: Path, num_experts: int, dim: int) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    source = state.partition_dir / "centroids.safetensors"
-    target = staging / "router" / "centroids.safetensors"
-    if not source.is_file():
-        raise FailedPrecondition(f"{source}: the plan's centroids are missing")
-    shutil.copyfile(source, target)
-    with safe_open(str(target), framework="numpy") as handle:
-        shape = list(handle.get_slice("centroids").get_shape())
-    if shape != [num_experts, dim]:
-        raise FailedPrecondition(
-            f"{source}: expected centroids of shape [{num_experts}, {dim}] (K experts x the "
-            f"encoder's dim), got {shape}"
-        )
-    return {
-        "path": "router/centroids.safetensors",
-        "tensor": "centroids",
-        "sha256": file_sha256(target),
-        "size": target.stat().st_size,
-    }
-
-
 def _architecture(expert_dir: Path) -> str:
     try:
         config = json.loads((expert_dir / "config.json").read_text())
@@ -292,22 +220,12 @@ def _architecture(expert_dir: Path) -> str:
     return "internvl" if kind.startswith("internvl") else "causal-lm"
 
 
-def _priors(plan: dict[str, Any], num_experts: int) -> list[float]:
-    counts = [0] * num_experts
-    for row in plan.get("clusters", []):
-        if 0 <= int(row["expert"]) < num_experts:
-            counts[int(row["expert"])] = int(row["samples"])
-    total = sum(counts)
-    if total == 0:
-        return [1.0 / num_experts] * num_experts
-    return [count / total for count in counts]
-
-
 def _model_card(
     federation: str,
     version: str,
     plan: dict[str, Any],
     config: AssemblyConfig,
+    tau: float,
     experts: list[ExpertChoice],
     missing: list[int],
     revoked: dict[int, ExpertChoice],
@@ -325,7 +243,8 @@ def _model_card(
         "",
         "## Router",
         "",
-        f"`p(S_k | image) = softmax_k(tau * cos(f(image), c_k))`, tau = {config.tau}, "
+        f"`p(S_k | image) = softmax_k(tau * cos(f(image), c_k))`, tau = {tau:g}"
+        f"{' (fitted on held-out data)' if config.fit_tau else ''}, "
         f"top-k = {config.top_k}, text-only prompts: `{config.text_only}`.",
         f"Feature model: `{plan['encoder'].get('model')}` ({plan['encoder'].get('backend')}); "
         f"plan digest `{plan['digest']}`.",
@@ -453,33 +372,40 @@ def assemble(
             base = _copy_base(state, store, staging)
         first = staging / expert_path(chosen[0].index)
         architecture = _architecture(staging / "base" if base else first)
-        encoder = _encoder(plan, staging, config.encoder_weights)
-        centroids = _centroids(state, staging, num_experts, encoder["dim"])
-        (staging / "README.md").write_text(
-            _model_card(federation, version, plan, config, chosen, missing, revoked)
-        )
+        encoder = router_encoder(plan, staging, config.encoder_weights)
+        centroids = router_centroids(state, staging, num_experts, encoder["dim"])
         created = datetime.fromtimestamp(time.time() if now is None else now, UTC)
-        manifest = {
+        router: dict[str, Any] = {
+            "encoder": encoder,
+            "centroids": centroids,
+            "tau": config.tau,
+            "top_k": config.top_k,
+            "text_only": str(config.text_only),
+            "cluster_priors": cluster_priors(plan, num_experts),
+        }
+        manifest: dict[str, Any] = {
             "format": "atoll-ensemble",
             "format_version": 1,
             "federation_id": federation,
             "plan_digest": plan["digest"],
             "architecture": architecture,
             "created_at": created.isoformat().replace("+00:00", "Z"),
-            "router": {
-                "encoder": encoder,
-                "centroids": centroids,
-                "tau": config.tau,
-                "top_k": config.top_k,
-                "text_only": str(config.text_only),
-                "cluster_priors": _priors(plan, num_experts),
-            },
+            "router": router,
             "experts": entries,
             "allow_partial": bool(missing),
             "missing_experts": missing,
             "base": base,
-            "other_files": {"README.md": file_entry(staging / "README.md")},
+            "other_files": {},
         }
+        if config.fit_tau is not None:
+            from coordinator.tau_fit import fit_router_tau
+
+            fit = fit_router_tau(staging, manifest, config.fit_tau, config.fit_image_root)
+            router["tau"], router["tau_fit"] = fit.pop("tau"), fit
+        (staging / "README.md").write_text(
+            _model_card(federation, version, plan, config, router["tau"], chosen, missing, revoked)
+        )
+        manifest["other_files"] = {"README.md": file_entry(staging / "README.md")}
         parse_manifest(manifest)  # the schema consumers load with: fail here, not there
         manifest_path = staging / MANIFEST_FILE
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -501,6 +427,8 @@ def assemble(
         missing=missing,
         dropped_revoked=sorted(k for k in revoked if k in missing),
         files=len(names),
+        tau=router["tau"],
+        tau_fit=router.get("tau_fit"),
     )
     _publish(state, store, final, names, manifest_path.name, result, config)
     return result
@@ -585,7 +513,7 @@ def _publish(
             for e in result.experts
         ],
         "missing_experts": result.missing,
-        "router": {"tau": config.tau, "top_k": config.top_k, "text_only": str(config.text_only)},
+        "router": {"tau": result.tau, "top_k": config.top_k, "text_only": str(config.text_only)},
     }
     audit.record_assembled(store, details)
     store.remove_artifacts(ARTIFACT_PREFIX)

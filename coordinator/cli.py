@@ -286,6 +286,8 @@ def cmd_assemble(args: argparse.Namespace) -> int:
         text_only=TextOnlyStrategy(args.text_only),
         allow_partial=args.allow_partial,
         encoder_weights=Path(args.encoder_weights) if args.encoder_weights else None,
+        fit_tau=Path(args.fit_tau) if args.fit_tau else None,
+        fit_image_root=Path(args.fit_image_root) if args.fit_image_root else None,
     )
     state = _state(args)
     store = state.open_store()
@@ -307,6 +309,8 @@ def cmd_assemble(args: argparse.Namespace) -> int:
         flag = "REVOKED SITE (dropped)" if index in result.dropped_revoked else "MISSING"
         table.add_row(str(index), flag, "-", "-")
     Console().print(table)
+    if result.tau_fit is not None:
+        _print_tau_fit(result.tau, result.tau_fit)
     print(
         f"published {result.files} files; manifest sha256 {result.manifest_sha256}",
         file=sys.stderr,
@@ -350,8 +354,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_tau_fit(tau: float, fit: dict[str, Any]) -> None:
+    table = Table(
+        title=f"router tau fitted on {fit['data_file']} ({fit['samples']} questions): "
+        "mean log-likelihood of the reference answers"
+    )
+    table.add_column("tau", justify="right")
+    table.add_column("log-likelihood", justify="right")
+    table.add_row(f"{tau:.4g} (fitted)", f"{fit['log_likelihood']:.4f}", style="bold")
+    for value, likelihood in fit["compared"].items():
+        table.add_row(value, f"{likelihood:.4f}")
+    Console().print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from coordinator.partition import cli as partition_cli
+    from coordinator.partition import features_cli
 
     parser = argparse.ArgumentParser(prog="coordinator", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -374,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     partition_cli.add_arguments(p)
     p.set_defaults(fn=partition_cli.run)
+
+    p = commands.add_parser(
+        "features", help="CLIP features of a data set's images, for partition --features"
+    )
+    features_cli.add_arguments(p)
+    p.set_defaults(fn=features_cli.run)
 
     p = commands.add_parser("invite", help="print a one-time enrolment token for a site")
     p.add_argument("--state", required=True)
@@ -439,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--state", required=True)
     p.add_argument("--tau", type=float, default=50.0, help="router inverse temperature (> 0)")
+    p.add_argument(
+        "--fit-tau",
+        metavar="DATA.json",
+        help="fit tau instead: maximise the ensemble's log-likelihood of the reference answers "
+        "of this held-out set (an `atoll eval` file); recorded and signed in the manifest",
+    )
+    p.add_argument(
+        "--fit-image-root", metavar="DIR", help="images of --fit-tau (default: its folder)"
+    )
     p.add_argument("--top-k", type=int, default=1, help="experts mixed per sample (default 1)")
     p.add_argument(
         "--text-only",
@@ -452,7 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="assemble without missing experts and experts of revoked sites",
     )
     p.add_argument(
-        "--encoder-weights", metavar="FILE", help="the plan's encoder weights, when it used a file"
+        "--encoder-weights",
+        metavar="PATH",
+        help="the plan's encoder weights file (open_clip) or CLIP folder (hf), when it is not "
+        "where the plan's spec points",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_assemble)

@@ -26,14 +26,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protocol.ensemble_manifest import EncoderSpec
+from protocol.ensemble_manifest import EncoderSpec, EnsembleManifest
 from protocol.errors import InvalidArgument, NotFound
 
 __all__ = [
     "FeatureModel",
     "Router",
     "Routing",
+    "load_centroids",
     "load_feature_model",
+    "load_router",
     "open_image",
 ]
 
@@ -63,6 +65,8 @@ class Router:
         num_experts: If given, the number of experts the centroids must match.
         available: Indices of the experts that exist (a partial ensemble); the others get
             probability 0 and the rest is renormalised. Default: all.
+        center: ``(D,)`` the plan's mean feature (a plan made with ``--center``): each unit
+            feature has it subtracted before the cosine, as the partitioner did.
 
     Raises:
         InvalidArgument: a bad ``tau``, ``top_k``, centroid shape or count.
@@ -76,6 +80,7 @@ class Router:
         *,
         num_experts: int | None = None,
         available: Sequence[int] | None = None,
+        center: torch.Tensor | None = None,
     ) -> None:
         if centroids.ndim != 2 or centroids.shape[0] < 1 or centroids.shape[1] < 1:
             raise InvalidArgument(
@@ -102,6 +107,14 @@ class Router:
                 f"got {list(available or [])}"
             )
         self.centroids = centroids / norms[:, None]
+        if center is not None and (
+            tuple(center.shape) != (centroids.shape[1],) or not torch.isfinite(center).all()
+        ):
+            raise InvalidArgument(
+                f"router center: expected {centroids.shape[1]} finite numbers (the mean "
+                f"feature), got shape {tuple(center.shape)}"
+            )
+        self.center = None if center is None else center.detach().float()
         self.tau = float(tau)
         self.top_k = self._check_top_k(top_k)
 
@@ -131,16 +144,23 @@ class Router:
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, K)`` ``softmax(tau * cos(features, c_k))`` over the available experts."""
+        return self.probabilities_at(self.cosines(features), self.tau)
+
+    def cosines(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` cosines of the (centred) features with the centroids."""
         if features.ndim != 2 or features.shape[1] != self.centroids.shape[1]:
             raise InvalidArgument(
                 f"router features: expected (B, {self.centroids.shape[1]}), "
                 f"got {tuple(features.shape)}"
             )
-        cosine = (
-            torch.nn.functional.normalize(features.float(), dim=-1)
-            @ self.centroids.to(features.device).T
-        )
-        return torch.softmax(self._mask(self.tau * cosine), dim=-1)
+        unit = torch.nn.functional.normalize(features.float(), dim=-1)
+        if self.center is not None:
+            unit = torch.nn.functional.normalize(unit - self.center.to(unit.device), dim=-1)
+        return unit @ self.centroids.to(features.device).T
+
+    def probabilities_at(self, cosines: torch.Tensor, tau: float) -> torch.Tensor:
+        """``softmax(tau * cosines)`` over the available experts (fitting tau uses others)."""
+        return torch.softmax(self._mask(tau * cosines), dim=-1)
 
     def select(self, probabilities: torch.Tensor, top_k: int | None = None) -> Routing:
         """Keeps the ``top_k`` (default: the router's) most probable experts, renormalised."""
@@ -152,6 +172,60 @@ class Router:
     def route(self, features: torch.Tensor, top_k: int | None = None) -> Routing:
         """Probabilities, then top-k, for a batch of (image or text) features."""
         return self.select(self.probabilities(features), top_k)
+
+
+def load_centroids(
+    directory: Path, manifest: EnsembleManifest, tensor: str | None = None
+) -> torch.Tensor:
+    """The router's ``K x D`` centroids (or another ``tensor`` of their file, the center).
+
+    Raises:
+        NotFound: the file is not there.
+        InvalidArgument: not a safetensors file, or no such tensor in it.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    spec = manifest.router.centroids
+    name = tensor or spec.tensor
+    path = directory / spec.path
+    if not path.is_file():
+        raise NotFound(f"router.centroids.path: {spec.path} is not in {directory}")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InvalidArgument(
+            f"router.centroids.path: {spec.path} is unreadable ({error})"
+        ) from None
+    if name not in tensors:
+        raise InvalidArgument(
+            f"router.centroids.{'tensor' if tensor is None else 'center_tensor'}: no tensor "
+            f"{name!r} in {spec.path} (found {sorted(tensors)})"
+        )
+    return tensors[name]
+
+
+def load_router(directory: Path, manifest: EnsembleManifest) -> Router:
+    """The manifest's router: its centroids (and center), tau, top-k and present experts.
+
+    Raises:
+        NotFound, InvalidArgument: the centroids file is missing or does not fit the manifest.
+    """
+    spec = manifest.router
+    center_tensor = spec.centroids.center_tensor
+    try:
+        return Router(
+            load_centroids(directory, manifest),
+            spec.tau,
+            spec.top_k,
+            num_experts=manifest.num_experts,
+            available=manifest.present_experts,
+            center=None
+            if center_tensor is None
+            else load_centroids(directory, manifest, center_tensor),
+        )
+    except InvalidArgument as error:
+        raise InvalidArgument(f"{directory / spec.centroids.path}: {error}") from None
 
 
 def open_image(image: Image.Image | str | Path) -> Image.Image:

@@ -54,11 +54,16 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from ensemble.router import Router, Routing, load_feature_model, open_image
+from ensemble.router import (
+    Router,
+    Routing,
+    load_centroids,
+    load_feature_model,
+    load_router,
+    open_image,
+)
 from ensemble.scheduling import batches, slices
 from ensemble.shared_tower import SharedTower, take_rows
 from ensemble.stacked_experts import StackedExperts, runs, vision_tower
@@ -131,31 +136,6 @@ def chat_prompt(processor: Any, prompt: str, has_image: bool) -> str:
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
     return text
-
-
-def load_centroids(directory: Path, manifest: EnsembleManifest) -> torch.Tensor:
-    """The router's ``K x D`` centroids from the ensemble directory.
-
-    Raises:
-        NotFound: the file is not there.
-        InvalidArgument: not a safetensors file, or no such tensor in it.
-    """
-    spec = manifest.router.centroids
-    path = directory / spec.path
-    if not path.is_file():
-        raise NotFound(f"router.centroids.path: {spec.path} is not in {directory}")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise InvalidArgument(
-            f"router.centroids.path: {spec.path} is unreadable ({error})"
-        ) from None
-    if spec.tensor not in tensors:
-        raise InvalidArgument(
-            f"router.centroids.tensor: no tensor {spec.tensor!r} in {spec.path} "
-            f"(found {sorted(tensors)})"
-        )
-    return tensors[spec.tensor]
 
 
 def _model_class(architecture: str) -> Any:
@@ -355,9 +335,11 @@ class RoutedEnsemble:
         self.tokenizer.padding_side = "left"
         self.device = device
         self.log_priors = torch.tensor(manifest.router.cluster_priors).log()
-        self.shared_tower = SharedTower.find(feature_model, experts, processor, manifest)
-        if self.shared_tower is not None:
-            log.info("[RoutedEnsemble] the router shares the experts' CLIP vision tower")
+        # Why the router does or does not share the experts' tower (logged, and for callers).
+        self.shared_tower, self.shared_tower_reason = SharedTower.check(
+            feature_model, experts, processor, manifest
+        )
+        log.info("[RoutedEnsemble] shared CLIP tower: %s", self.shared_tower_reason)
 
     @classmethod
     def from_pretrained(
@@ -407,17 +389,7 @@ class RoutedEnsemble:
                 manifest.missing_experts,
                 present,
             )
-        centroids = load_centroids(root, manifest)
-        try:
-            router = Router(
-                centroids,
-                manifest.router.tau,
-                manifest.router.top_k,
-                num_experts=manifest.num_experts,
-                available=present,
-            )
-        except InvalidArgument as error:
-            raise InvalidArgument(f"{root / manifest.router.centroids.path}: {error}") from None
+        router = load_router(root, manifest)
         feature_model = load_feature_model(manifest.router.encoder, root, device=target)
         experts = _Experts.load(root, manifest, target, dtype)
         _check_one_vocabulary(manifest, experts)

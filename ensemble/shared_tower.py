@@ -109,35 +109,52 @@ class SharedTower:
         cls, feature_model: Any, experts: ExpertTowers, processor: Any, manifest: EnsembleManifest
     ) -> SharedTower | None:
         """The shared tower, or None when the router's encoder is another model."""
+        return cls.check(feature_model, experts, processor, manifest)[0]
+
+    @classmethod
+    def check(
+        cls, feature_model: Any, experts: ExpertTowers, processor: Any, manifest: EnsembleManifest
+    ) -> tuple[SharedTower | None, str]:
+        """The shared tower and why, or None and why not (checked, never assumed: settings,
+        every weight, and the pixels of a probe image)."""
         clip = getattr(feature_model, "clip", None)
-        if clip is None or manifest.architecture != "llava":
-            return None
+        if clip is None:
+            return None, "the router's encoder is not a Hugging Face CLIP"
+        if manifest.architecture != "llava":
+            return None, f"the experts are {manifest.architecture}, not LLaVA with a CLIP tower"
         towers = experts.vision_towers()
+        if not towers:
+            return None, "the experts have no vision tower"
         vision = clip.vision_model  # a CLIPVisionModel, the class of LLaVA's vision tower
         reference = vision.state_dict()
         for tower in towers:
-            if type(tower) is not type(vision) or any(
-                getattr(tower.config, name, None) != getattr(vision.config, name)
-                for name in _TOWER_SETTINGS
-            ):
-                return None
+            if type(tower) is not type(vision):
+                return None, f"the experts' tower is a {type(tower).__name__}, not CLIP's"
+            for name in _TOWER_SETTINGS:
+                ours, theirs = getattr(vision.config, name), getattr(tower.config, name, None)
+                if ours != theirs:
+                    return None, f"vision setting {name}: router {ours!r}, experts {theirs!r}"
             weights = tower.state_dict()
-            if weights.keys() != reference.keys() or not all(
-                weights[n].dtype == reference[n].dtype
-                and weights[n].shape == reference[n].shape
-                and torch.equal(weights[n], reference[n].to(weights[n].device))
-                for n in weights
-            ):
-                return None
+            if weights.keys() != reference.keys():
+                return None, "the towers' weights have different names"
+            for n in weights:
+                mine = reference[n].to(weights[n].device)
+                if (
+                    weights[n].dtype != mine.dtype
+                    or weights[n].shape != mine.shape
+                    or not torch.equal(weights[n], mine)
+                ):
+                    return None, f"weight {n} differs between the router's CLIP and the experts"
         probe = Image.radial_gradient("L").convert("RGB").resize((97, 61))
         ours = processor.image_processor(images=[probe], return_tensors="pt")["pixel_values"]
         theirs = feature_model.pixels([probe]).cpu()
         if ours.shape != theirs.shape or not torch.equal(ours.float(), theirs.float()):
-            return None
+            return None, "the router's image preprocessing gives other pixels than the experts'"
         layers = {json.dumps(_config_of(e).vision_feature_layer) for e in experts.engines()}
-        if not towers or len(layers) != 1:
-            return None
-        return cls(towers, clip.visual_projection, json.loads(layers.pop()))
+        if len(layers) != 1:
+            return None, f"the experts read different tower layers ({sorted(layers)})"
+        shared = cls(towers, clip.visual_projection, json.loads(layers.pop()))
+        return shared, "same CLIP weights, settings and preprocessing: one tower pass per batch"
 
     def encode(
         self, pixels: torch.Tensor, batch_size: int | None = None

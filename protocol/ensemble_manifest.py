@@ -67,6 +67,7 @@ __all__ = [
     "ExpertEntry",
     "FileDigest",
     "RouterSpec",
+    "TauFit",
     "TextOnlyStrategy",
     "expert_path",
     "listed_files",
@@ -168,11 +169,31 @@ class CentroidsSpec(_Strict):
     tensor: str = "centroids"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
+    # A plan made with `--center`: the data set's mean feature (D floats) in the same file,
+    # subtracted from every feature before the cosine.
+    center_tensor: str | None = None
 
     @field_validator("path")
     @classmethod
     def _inside(cls, value: str) -> str:
         return _relative_path(value)
+
+
+class TauFit(_Strict):
+    """How ``tau`` was fitted (`coordinator assemble --fit-tau DATA.json`): the value that
+    maximises the mixture's log-likelihood of the reference answers of held-out data,
+    ``sum_i log sum_k softmax_k(tau * cos_i)_k * p_k(answer_i | image_i, question_i)``.
+
+    ``log_likelihood`` is that sum per sample at the fitted tau; ``compared`` the same at a
+    few fixed values (``{"1": ..., "20": ..., "50": ...}``).
+    """
+
+    data_file: str
+    data_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    samples: int = Field(ge=1)
+    bounds: tuple[float, float]
+    log_likelihood: float
+    compared: dict[str, float] = Field(default_factory=dict)
 
 
 class RouterSpec(_Strict):
@@ -185,6 +206,7 @@ class RouterSpec(_Strict):
     text_only: TextOnlyStrategy = TextOnlyStrategy.POSTERIOR
     # p(S_k): each cluster's share of the training samples in the plan (sums to 1).
     cluster_priors: list[float]
+    tau_fit: TauFit | None = None
 
     @field_validator("cluster_priors")
     @classmethod

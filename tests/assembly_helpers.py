@@ -45,13 +45,25 @@ class Site:
     assignment: AssignmentReply
 
 
-def write_plan(running: Any, centroids: np.ndarray, samples: list[int]) -> str:
+def write_plan(
+    running: Any,
+    centroids: np.ndarray,
+    samples: list[int],
+    encoder: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    center: np.ndarray | None = None,
+) -> str:
     """``STATE/partition/`` as `coordinator partition` writes it (centroids, shard manifests,
-    plan.json with its digest), registered and recorded; returns the plan digest."""
+    plan.json with its digest), registered and recorded; returns the plan digest.
+    ``encoder`` replaces the tiny open_clip identity, ``extra`` adds plan.json entries
+    (``encoder_spec``, ``features``), ``center`` a mean feature."""
     state, store = running.state, running.coordinator.store
     folder = state.partition_dir
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"centroids": centroids.astype(np.float32)}, str(folder / "centroids.safetensors"))
+    tensors = {"centroids": centroids.astype(np.float32)}
+    if center is not None:
+        tensors["center"] = center.astype(np.float32)
+    save_file(tensors, str(folder / "centroids.safetensors"))
     files = {"centroids.safetensors": file_sha256(folder / "centroids.safetensors")}
     for k, count in enumerate(samples):
         shard = {
@@ -68,7 +80,8 @@ def write_plan(running: Any, centroids: np.ndarray, samples: list[int]) -> str:
         "format": "atoll-partition-plan/1",
         "num_experts": len(samples),
         "seed": 0,
-        "encoder": TINY_ENCODER,
+        "encoder": encoder or TINY_ENCODER,
+        **(extra or {}),
         "clusters": [
             {"expert": k, "unique_images": n, "samples": n, "image_samples": n, "text_only": 0}
             for k, n in enumerate(samples)

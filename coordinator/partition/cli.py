@@ -62,7 +62,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--features",
         type=Path,
-        help="precomputed .npz with 'ids' (image paths as in the data set) and 'features'",
+        help="precomputed .npz with 'ids' (image paths as in the data set), 'features' and "
+        "'encoder' (the spec of the encoder that computed them)",
+    )
+    parser.add_argument(
+        "--feature-encoder",
+        metavar="SPEC",
+        help="with --features: the encoder that computed them, when the .npz names none "
+        "(the router computes the same features; a sample is checked when it loads here)",
+    )
+    parser.add_argument(
+        "--center",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cluster (and route) cosines around the data set's mean feature, as the authors' "
+        "code does (default: on; benchmarks/centering.py measures why)",
     )
     parser.add_argument("--seed", type=int, default=0, help="clustering and text-only seed")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -108,6 +122,8 @@ def config_from_args(args: argparse.Namespace) -> PartitionConfig:
         assign=args.assign,
         encoder=args.encoder,
         features=args.features,
+        feature_encoder=args.feature_encoder,
+        center=args.center,
         seed=args.seed,
         skip_missing=args.skip_missing,
         tokenizer=args.tokenizer,

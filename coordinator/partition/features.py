@@ -12,7 +12,9 @@ An encoder is named by a spec string:
 Features are L2-normalised. They are cached by image content digest under the state
 directory, per encoder identity, so re-running or adding images only encodes what is new.
 ``--features FILE.npz`` supplies them instead: arrays ``ids`` (image paths as written in the
-data set) and ``features`` (N x D).
+data set), ``features`` (N x D) and ``encoder`` (the spec of the encoder that computed them;
+or ``--feature-encoder SPEC``): the router must compute the same features at inference, so a
+plan without its encoder cannot be assembled.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from coordinator.partition.encoder_files import TINY_MODEL, EncoderName, hf_identity
 from protocol.canonical import canonical_digest
 from protocol.digests import file_sha256
 from protocol.errors import InvalidArgument, NotFound
@@ -45,7 +48,6 @@ __all__ = [
     "normalise_rows",
 ]
 
-TINY_MODEL = "atoll-tiny-clip"
 _CONFIG_DIR = Path(__file__).parent / "configs"
 # Random weights are drawn from this seed, so a random-weight encoder is the same every run.
 _INIT_SEED = 0
@@ -182,23 +184,19 @@ def _default_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_encoder(spec: str, *, device: str | None = None) -> ImageEncoder:
+def load_encoder(spec: str, *, device: str | None = None, flag: str = "--encoder") -> ImageEncoder:
     """The encoder a spec names (see the module docstring).
 
     Raises:
-        InvalidArgument: a malformed spec or an unknown open_clip model.
-        NotFound: a local weights path that does not exist.
+        InvalidArgument: a malformed spec, an unknown open_clip model, or an ``hf:`` folder
+            that is not a CLIP model.
+        NotFound: a local weights path or folder that does not exist.
     """
-    backend, _, rest = spec.partition(":")
-    if backend == "open_clip" and rest:
-        model, _, pretrained = rest.partition(":")
-        return _open_clip_encoder(model, pretrained or None, _default_device(device))
-    if backend == "hf" and rest:
-        return _hf_encoder(Path(rest), _default_device(device))
-    raise InvalidArgument(
-        f"--encoder {spec!r}: expected 'open_clip:MODEL', 'open_clip:MODEL:PRETRAINED' "
-        f"(a local weights file or an open_clip tag) or 'hf:PATH' (e.g. open_clip:{TINY_MODEL})"
-    )
+    name = EncoderName.parse(spec, flag)
+    if name.backend == "open_clip":
+        return _open_clip_encoder(name.model, name.pretrained, _default_device(device))
+    assert name.path is not None
+    return _hf_encoder(name.path, _default_device(device), flag)
 
 
 def _open_clip_encoder(model: str, pretrained: str | None, device: torch.device) -> ImageEncoder:
@@ -262,24 +260,14 @@ def _probe_dim(
         return int(forward(pixels).shape[-1])
 
 
-def _hf_encoder(path: Path, device: torch.device) -> ImageEncoder:
+def _hf_encoder(path: Path, device: torch.device, flag: str = "--encoder") -> ImageEncoder:
     from transformers import CLIPImageProcessor, CLIPModel
 
-    if not (path / "config.json").is_file():
-        raise NotFound(f"--encoder hf:{path}: no config.json there (a saved CLIPModel folder)")
+    identity = hf_identity(path, flag)  # checks it is a CLIP folder before loading anything
     model = CLIPModel.from_pretrained(path).to(device).eval()
     processor = CLIPImageProcessor.from_pretrained(path)
-    weights = sorted(
-        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()
-    )
-    identity: dict[str, Any] = {
-        "backend": "hf",
-        "model": path.name,
-        "weights": {p.name: file_sha256(p) for p in weights},
-        "config_sha256": file_sha256(path / "config.json"),
-        "image_size": int(model.config.vision_config.image_size),
-        "dim": int(model.config.projection_dim),
-    }
+    identity["image_size"] = int(model.config.vision_config.image_size)
+    identity["dim"] = int(model.config.projection_dim)
 
     def transform(image: Image.Image) -> Any:
         return processor(images=image, return_tensors="np")
@@ -342,12 +330,14 @@ def load_features_file(
     """Precomputed features for the given image references.
 
     Args:
-        path: an ``.npz`` with ``ids`` (N image paths as written in the data set) and
-            ``features`` (N x D).
+        path: an ``.npz`` with ``ids`` (N image paths as written in the data set),
+            ``features`` (N x D) and optionally ``encoder``, one string: the spec of the
+            encoder that computed them (``hf:PATH`` or ``open_clip:MODEL[:PRETRAINED]``).
         references: every image reference the data set uses.
 
     Returns:
-        ``(features by reference (unit rows), identity)``.
+        ``(features by reference (unit rows), source)``: the file's name, sha256, dimension
+        and the encoder it names (None if it names none).
 
     Raises:
         NotFound: no such file.
@@ -364,6 +354,7 @@ def load_features_file(
                     f"found {sorted(data.files)}"
                 )
             ids, features = data["ids"], data["features"]
+            named = data.get("encoder")
     except (OSError, ValueError) as error:
         raise InvalidArgument(f"--features {path}: not a readable .npz file ({error})") from None
     if ids.ndim != 1 or ids.dtype.kind not in "US":
@@ -405,10 +396,19 @@ def load_features_file(
                 f"{'not finite' if not np.isfinite(norm) else 'all zeros'}"
             )
         out[ref] = vector / norm
-    identity = {
-        "backend": "features-file",
+    encoder = None
+    if named is not None:
+        if named.ndim > 1 or named.size != 1 or named.dtype.kind not in "US":
+            raise InvalidArgument(
+                f"--features {path}: encoder: expected one string naming the encoder (e.g. "
+                f"'hf:/models/clip-vit-large-patch14-336'), got {named.dtype} with shape "
+                f"{named.shape}"
+            )
+        encoder = str(named.reshape(()).item())
+    source = {
         "file": path.name,
         "sha256": file_sha256(path),
         "dim": int(features.shape[1]),
+        "encoder": encoder,
     }
-    return out, identity
+    return out, source

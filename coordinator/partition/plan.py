@@ -4,7 +4,8 @@
 get one feature per unique image (cache, encoder or ``--features``), cluster, split the
 text-only samples, count -- and ``write_plan`` puts the result under ``STATE/partition/``:
 
-* ``centroids.safetensors`` -- ``centroids``, K x D float32 (the router's centroids);
+* ``centroids.safetensors`` -- ``centroids``, K x D float32 (the router's centroids), and with
+  ``--center`` ``center``, the data set's mean feature (D float32) that routing subtracts;
 * ``expert-<k>.json`` -- expert k's shard manifest: ``{"expert", "num_experts",
   "dataset_samples", "dataset_format", "samples": [...]}`` where each sample is the data set's
   own record plus ``image_sha256`` (one digest, or a list parallel to ``image``). InternVL
@@ -22,11 +23,6 @@ running again with them changes nothing.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,21 +30,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from coordinator.artifacts import register_artifact
 from coordinator.partition import kmeans
-from coordinator.partition.dataset import (
-    Dataset,
-    Sample,
-    hash_images,
-    load_dataset,
-    resolve_image,
-)
-from coordinator.partition.features import FeatureCache, load_encoder, load_features_file
+from coordinator.partition.dataset import Dataset, Sample, hash_images, load_dataset
+from coordinator.partition.plan_features import plan_features
+from coordinator.partition.plan_writer import PlanWriteResult, write_plan
 from coordinator.state import StateDir
-from coordinator.store import PlanRecord
-from protocol.canonical import canonical_digest, canonical_json
 from protocol.digests import file_sha256
-from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
+from protocol.errors import InvalidArgument, NotFound
 
 __all__ = ["PartitionConfig", "Plan", "PlanWriteResult", "make_plan", "write_plan"]
 
@@ -76,6 +64,9 @@ class PartitionConfig:
         assign: ``balanced`` (equal clusters) or ``nearest`` (argmax to the final centroids).
         encoder: an encoder spec (see ``features``), or None when ``features`` is given.
         features: a precomputed ``.npz`` of features.
+        feature_encoder: the spec of the encoder that computed ``features`` (when the .npz
+            does not name it).
+        center: subtract the data set's mean feature before clustering (and routing).
         seed: seeds clustering and the text-only split.
         skip_missing: drop samples whose images are missing or unreadable instead of failing.
         tokenizer: a local tokenizer folder; when given, tokens are counted per cluster.
@@ -98,6 +89,8 @@ class PartitionConfig:
     assign: Assign = "balanced"
     encoder: str | None = None
     features: Path | None = None
+    feature_encoder: str | None = None
+    center: bool = True
     seed: int = 0
     skip_missing: bool = False
     tokenizer: Path | None = None
@@ -115,6 +108,11 @@ class PartitionConfig:
             raise InvalidArgument(f"--experts: expected an integer >= 1, got {self.experts}")
         if (self.encoder is None) == (self.features is None):
             raise InvalidArgument("give exactly one of --encoder SPEC or --features FILE.npz")
+        if self.feature_encoder is not None and self.features is None:
+            raise InvalidArgument(
+                "--feature-encoder names the encoder of a --features file; with --encoder "
+                "the features are computed here"
+            )
         if self.algorithm not in ("balanced", "two-stage"):
             raise InvalidArgument(
                 f"--algorithm: expected balanced or two-stage, not {self.algorithm!r}"
@@ -154,27 +152,14 @@ class Plan:
         centroids: K x D float32.
         shards: expert k's manifest, by k.
         summary: the balance table and totals (printed, and stored with the plan record).
+        center: the data set's mean feature (D float32) with ``--center``, else None.
     """
 
     document: dict[str, Any]
     centroids: np.ndarray
     shards: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PlanWriteResult:
-    """What ``write_plan`` did.
-
-    Attributes:
-        digest: the plan digest.
-        changed: False when ``partition/`` already held this exact plan.
-        directory: ``STATE/partition``.
-    """
-
-    digest: str
-    changed: bool
-    directory: Path
+    center: np.ndarray | None = None
 
 
 class _Groups:
@@ -217,9 +202,8 @@ def make_plan(config: PartitionConfig, state: StateDir, reporter: Reporter = _qu
             f"{config.image_root}: {index.describe_missing()} (--skip-missing drops their samples)"
         )
     kept_refs = [ref for ref in references if ref not in missing]
-    features_by_digest, identity, unreadable = _features(
-        config, state, index.digests, kept_refs, reporter
-    )
+    features = plan_features(config, state, index.digests, kept_refs, reporter)
+    identity, unreadable = features.identity, features.unreadable
     if unreadable and not config.skip_missing:
         shown = ", ".join(f"{ref} ({why})" for ref, why in unreadable[:5])
         more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
@@ -247,9 +231,15 @@ def make_plan(config: PartitionConfig, state: StateDir, reporter: Reporter = _qu
     unit_of = {unit: row for row, unit in enumerate(units)}
     unit_features = np.zeros((len(units), identity["dim"]), dtype=np.float32)
     for digest in unique:
-        unit_features[unit_of[groups.find(digest)]] += features_by_digest[digest]
+        unit_features[unit_of[groups.find(digest)]] += features.by_digest[digest]
     # A group's feature is the mean direction of its images (most groups are one image).
     unit_features = _unit_rows(unit_features)
+    center = None
+    if config.center:
+        # As the authors' code: cosines around the data set's mean feature, not the origin
+        # (CLIP features share a large common direction that hides their differences).
+        center = unit_features.mean(axis=0, dtype=np.float64).astype(np.float32)
+        unit_features = _unit_rows(unit_features - center)
 
     cluster_of_unit, centroids, fit = _cluster(config, unit_features, reporter)
     sample_experts = np.full(len(dataset.samples), -1, dtype=np.int64)
@@ -290,6 +280,9 @@ def make_plan(config: PartitionConfig, state: StateDir, reporter: Reporter = _qu
             },
         },
         "encoder": identity,
+        "encoder_spec": features.encoder_spec,
+        "features": features.source,
+        "center": None if center is None else {"tensor": "center", "images": len(units)},
         "algorithm": {**config.parameters(), **fit},
         "text_only": {"strategy": "random-equal", "seed": config.seed},
         "tokenizer": tokenizer_identity,
@@ -304,7 +297,7 @@ def make_plan(config: PartitionConfig, state: StateDir, reporter: Reporter = _qu
         "clusters": clusters,
         "skipped": document["dataset"]["skipped"],
     }
-    return Plan(document, centroids, shards, summary)
+    return Plan(document, centroids, shards, summary, center)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -315,50 +308,6 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     x[zero, 0] = 1.0
     norms[zero] = 1.0
     return np.ascontiguousarray(x / norms, dtype=np.float32)
-
-
-def _features(
-    config: PartitionConfig,
-    state: StateDir,
-    digests: dict[str, str],
-    references: list[str],
-    reporter: Reporter,
-) -> tuple[dict[str, np.ndarray], dict[str, Any], list[tuple[str, str]]]:
-    """One unit feature per image digest, the encoder identity, and undecodable images."""
-    first_ref: dict[str, str] = {}
-    for ref in references:
-        first_ref.setdefault(digests[ref], ref)
-    if config.features is not None:
-        by_ref, identity = load_features_file(config.features, references)
-        # The same picture under two paths is one image: its first path's features count.
-        return {d: by_ref[ref] for d, ref in first_ref.items()}, identity, []
-    assert config.encoder is not None
-    encoder = load_encoder(config.encoder, device=config.device)
-    identity = encoder.identity
-    cache = FeatureCache(state.root / "cache" / "features", identity)
-    found = cache.load(set(first_ref))
-    todo = [d for d in first_ref if d not in found]
-    unreadable: list[tuple[str, str]] = []
-    if todo:
-        paths = [resolve_image(config.image_root, first_ref[d]) for d in todo]
-        encoded, failures = encoder.encode(
-            paths,
-            batch_size=config.batch_size,
-            workers=config.workers,
-            progress=reporter("encoding images", len(paths)),
-        )
-        failed_paths = {f.path: f.reason for f in failures}
-        good = [i for i, p in enumerate(paths) if p not in failed_paths]
-        cache.add([todo[i] for i in good], encoded[good])
-        for i in good:
-            found[todo[i]] = encoded[i]
-        for i, path in enumerate(paths):
-            if path in failed_paths:
-                # Every reference to the bad picture fails with it.
-                for ref in references:
-                    if digests[ref] == todo[i]:
-                        unreadable.append((ref, failed_paths[path]))
-    return found, identity, unreadable
 
 
 def _cluster(
@@ -529,109 +478,3 @@ def _shards(
             row["tokens"] = token_totals[expert]
         clusters.append(row)
     return shards, clusters
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing
-# ----------------------------------------------------------------------------------------------
-
-
-def _write_files(directory: Path, plan: Plan) -> dict[str, Any]:
-    """Writes the plan's files into ``directory``; returns the final ``plan.json`` document."""
-    from safetensors.numpy import save_file
-
-    # One metadata key: safetensors stores metadata as a map whose order is not guaranteed,
-    # and the bytes must be the same on every run.
-    metadata = {
-        "atoll": canonical_json(
-            {"format": "atoll-centroids/1", "encoder": plan.document["encoder"]}
-        ).decode()
-    }
-    save_file(
-        {"centroids": np.ascontiguousarray(plan.centroids, dtype=np.float32)},
-        str(directory / "centroids.safetensors"),
-        metadata=metadata,
-    )
-    files = {"centroids.safetensors": file_sha256(directory / "centroids.safetensors")}
-    for shard in plan.shards:
-        name = f"expert-{shard['expert']}.json"
-        with (directory / name).open("w", encoding="utf-8") as handle:
-            json.dump(shard, handle, ensure_ascii=False, separators=(",", ":"))
-            handle.write("\n")
-        files[name] = file_sha256(directory / name)
-    document = {**plan.document, "files": files}
-    document["digest"] = canonical_digest(document)
-    with (directory / "plan.json").open("w", encoding="utf-8") as handle:
-        json.dump(document, handle, ensure_ascii=False, indent=1)
-        handle.write("\n")
-    return document
-
-
-def _existing_digest(directory: Path) -> str | None:
-    try:
-        digest = json.loads((directory / "plan.json").read_text())["digest"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return digest if isinstance(digest, str) else None
-
-
-def write_plan(state: StateDir, plan: Plan) -> PlanWriteResult:
-    """Writes the plan under ``STATE/partition/``, records it and registers its artifacts.
-
-    Raises:
-        FailedPrecondition: experts are already assigned under a different plan (nothing is
-            changed then).
-    """
-    store = state.open_store()
-    try:
-        final = state.partition_dir
-        staging = Path(tempfile.mkdtemp(prefix=".partition-", dir=state.root))
-        try:
-            document = _write_files(staging, plan)
-            digest = document["digest"]
-            changed = _existing_digest(final) != digest
-            current = store.get_plan()
-            if current is not None and current.digest != digest and store.list_assignments():
-                raise FailedPrecondition(
-                    f"experts are already assigned under plan {current.digest[:12]}; "
-                    "the partition plan cannot change now"
-                )
-            if changed:
-                _swap_in(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        store.put_plan(
-            PlanRecord(
-                digest=digest,
-                num_experts=plan.document["num_experts"],
-                created_at=time.time(),
-                summary_json=canonical_json(plan.summary).decode(),
-            )
-        )
-        if changed:
-            # A plan with fewer experts must not leave the old plan's extra shards served.
-            store.remove_artifacts("partition/")
-        register_artifact(
-            state, store, "partition/centroids.safetensors", final / "centroids.safetensors"
-        )
-        register_artifact(state, store, "partition/plan.json", final / "plan.json")
-        for shard in plan.shards:
-            k = shard["expert"]
-            register_artifact(
-                state, store, f"partition/expert-{k}.json", final / f"expert-{k}.json", expert=k
-            )
-        return PlanWriteResult(digest=digest, changed=changed, directory=final)
-    finally:
-        store.close()
-
-
-def _swap_in(staging: Path, final: Path) -> None:
-    """Replaces ``final`` by ``staging`` with renames: a reader sees the old plan or the new
-    one, never a mix."""
-    if final.exists():
-        retired = final.with_name(f".partition-old-{uuid.uuid4().hex[:8]}")
-        final.rename(retired)
-        staging.rename(final)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(final)

@@ -110,3 +110,19 @@ def test_text_features_are_unit_vectors(ensemble: RoutedEnsemble) -> None:
     features = ensemble.feature_model.encode_texts(["a red square", "a blue circle"])
     assert features.shape == (2, 32)
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(2))
+
+
+def test_center_is_subtracted_before_the_cosine() -> None:
+    centroids, features = _centroids(), torch.randn(3, 8)
+    center = 0.3 * torch.ones(8)
+    router = Router(centroids, tau=7.0, top_k=1, center=center)
+    unit = torch.nn.functional.normalize(features, dim=-1)
+    centred = torch.nn.functional.normalize(unit - center, dim=-1)
+    cosine = centred @ torch.nn.functional.normalize(centroids, dim=-1).T
+    torch.testing.assert_close(router.cosines(features), cosine)
+    torch.testing.assert_close(router.probabilities(features), torch.softmax(7.0 * cosine, -1))
+    # Scaling a feature changes nothing: the centre applies to the unit feature, as the
+    # partitioner subtracted it from unit features.
+    torch.testing.assert_close(router.cosines(5 * features), cosine)
+    with pytest.raises(InvalidArgument, match=r"router center: expected 8 finite numbers"):
+        Router(centroids, tau=1.0, top_k=1, center=torch.ones(3))

@@ -66,7 +66,9 @@ def test_the_tower_is_shared_only_when_it_is_the_same_model(
     shared: RoutedEnsemble, ensemble: RoutedEnsemble
 ) -> None:
     assert shared.shared_tower is not None
+    assert "one tower pass per batch" in shared.shared_tower_reason
     assert ensemble.shared_tower is None  # an open_clip router is another model
+    assert ensemble.shared_tower_reason == "the router's encoder is not a Hugging Face CLIP"
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -137,5 +139,9 @@ def test_another_tower_is_not_shared(shared_dir: Path, tmp_path: Path) -> None:
     save_file(tensors, str(weights), metadata={"format": "pt"})
     ensemble = RoutedEnsemble.from_pretrained(copy, verify=False, device="cpu")
     assert ensemble.shared_tower is None
+    assert ensemble.shared_tower_reason == (
+        f"weight {name.removeprefix('vision_model.')} differs between the router's CLIP and "
+        "the experts"
+    )
     result = ensemble.generate_tokens(IMAGES[:1], [PROMPT], max_new_tokens=3)
     assert len(result.experts) == 1

@@ -43,11 +43,17 @@ def partition(state: StateDir, dataset: Path, root: Path, *extra: str) -> int:
     )
 
 
+# An encoder whose files are at the machine that computed the features, not here.
+ELSEWHERE = "hf:/elsewhere/clip-vit-large-patch14-336"
+
+
 def features_for(dataset: Path, path: Path, seed: int = 0) -> Path:
-    """A features file for every image reference (content-free random vectors)."""
+    """A features file for every image reference (content-free random vectors), naming an
+    encoder that is not on this machine (so the plan records it unchecked)."""
     references = load_dataset(dataset).image_references
     rng = np.random.default_rng(seed)
-    np.savez(path, ids=np.array(references), features=rng.standard_normal((len(references), 8)))
+    features = rng.standard_normal((len(references), 8))
+    np.savez(path, ids=np.array(references), features=features, encoder=np.array(ELSEWHERE))
     return path
 
 

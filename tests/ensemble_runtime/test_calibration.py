@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from ensemble.calibration import AnswerScores, fit_tau, mixture_log_likelihood
+from ensemble.calibration import (
+    AnswerScores,
+    answer_log_likelihoods,
+    fit_tau,
+    mixture_log_likelihood,
+)
 from ensemble.router import Router
+from ensemble.runtime import chat_prompt
+from protocol.ensemble_manifest import expert_path
 from protocol.errors import InvalidArgument
+
+from .builders import picture
 
 
 def _scores(seed: int = 0, n: int = 200) -> AnswerScores:
@@ -57,3 +68,35 @@ def test_absent_experts_get_no_weight_and_bounds_are_checked() -> None:
     assert math.isfinite(mixture_log_likelihood(partial, 30.0))
     with pytest.raises(InvalidArgument, match="expected 0 < low < high"):
         fit_tau(scores, bounds=(10.0, 1.0))
+
+
+def test_answer_log_likelihoods_are_each_experts_own(ensemble_dir: Path, ensemble: Any) -> None:
+    """Batched and left-padded, each expert's score of an answer is what the expert alone,
+    loaded with plain transformers, gives the prompt + answer + end-of-sequence."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    images = [picture("red-square", 1), picture("blue-circle", 2)]
+    questions, answers = (
+        ["What is it?", "And what colour is this one, please?"],
+        ["red", "a blue circle"],
+    )
+    scores = answer_log_likelihoods(ensemble, images, questions, answers, batch_size=2)
+    assert scores.log_likelihoods.shape == scores.cosines.shape == (2, 2)
+    torch.testing.assert_close(
+        scores.cosines, ensemble.router.cosines(ensemble.feature_model.encode_images(images))
+    )
+    for k in (0, 1):
+        folder = ensemble_dir / expert_path(k)
+        processor = AutoProcessor.from_pretrained(folder)
+        model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+        for i, (image, question, answer) in enumerate(zip(images, questions, answers, strict=True)):
+            prompt = chat_prompt(processor, question, True)
+            inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+            tail = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            tail = torch.tensor([[*tail, processor.tokenizer.eos_token_id]])
+            ids = torch.cat([inputs["input_ids"], tail], dim=1)
+            with torch.inference_mode():
+                logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
+            log_probs = torch.log_softmax(logits[0, :-1].float(), -1)
+            own = log_probs[-tail.shape[1] :].gather(-1, tail[0, :, None]).sum()
+            assert float(scores.log_likelihoods[i, k]) == pytest.approx(float(own), abs=1e-3)

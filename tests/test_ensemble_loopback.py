@@ -203,17 +203,26 @@ def _text_features(prompt: str) -> torch.Tensor:
         return clip.encode_text(open_clip.get_tokenizer(CLIP_CONFIG.stem)([prompt]))[0]
 
 
-def _router_weights(features: torch.Tensor, centroids: np.ndarray) -> torch.Tensor:
-    """``softmax_k(tau * cos(f, c_k))``."""
-    cosine = torch.nn.functional.normalize(features.float(), dim=-1) @ torch.from_numpy(
-        centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
-    ).T.to(torch.float32)
+def _router_weights(
+    features: torch.Tensor, centroids: tuple[np.ndarray, np.ndarray | None]
+) -> torch.Tensor:
+    """``softmax_k(tau * cos(f - m, c_k))``: ``m`` the plan's mean feature (``--center``, the
+    default), subtracted from the unit feature as the partitioner did."""
+    matrix, center = centroids
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    if center is not None:
+        unit = torch.nn.functional.normalize(unit - torch.from_numpy(center), dim=-1)
+    cosine = unit @ torch.from_numpy(matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).T.to(
+        torch.float32
+    )
     return torch.softmax(TAU * cosine, dim=-1)
 
 
-def _centroids(directory: Path) -> np.ndarray:
+def _centroids(directory: Path) -> tuple[np.ndarray, np.ndarray | None]:
     spec = load_manifest(directory).router.centroids
-    return load_file(directory / spec.path)[spec.tensor]
+    tensors = load_file(directory / spec.path)
+    assert spec.center_tensor == "center"  # the plan was centred (partition's default)
+    return tensors[spec.tensor], tensors[spec.center_tensor]
 
 
 def _partition_and_recipe(

@@ -318,6 +318,25 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+
+    from coordinator.health import check
+    from protocol.identity import coordinator_dns_name
+
+    state = _state(args)
+    override = [("grpc.ssl_target_name_override", coordinator_dns_name(state.federation()))]
+    credentials = grpc.ssl_channel_credentials(state.ca_cert.read_bytes())
+    with grpc.secure_channel(args.address, credentials, options=override) as channel:
+        try:
+            answer = check(channel, args.service, timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"{args.address}: {error.code().name} ({error.details()})", file=sys.stderr)
+            return int(ExitCode.UNAVAILABLE)
+    print(answer)
+    return 0 if answer == "SERVING" else int(ExitCode.UNAVAILABLE)
+
+
 def _passphrase(args: argparse.Namespace) -> bytes | None:
     if not args.passphrase_file:
         return None
@@ -439,6 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="token the dashboard requires (required on a non-loopback address)",
     )
     p.set_defaults(fn=cmd_serve)
+
+    p = commands.add_parser(
+        "health", help="ask a running coordinator's gRPC health service (exit 0 if SERVING)"
+    )
+    p.add_argument("--state", required=True, help="state directory (for the CA certificate)")
+    p.add_argument("--address", default="127.0.0.1:7444", help="the enrolment port (default)")
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(fn=cmd_health)
 
     p = commands.add_parser("status", help="sites, experts, progress, silent sites")
     p.add_argument("--state", required=True)

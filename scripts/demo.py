@@ -330,6 +330,11 @@ class Federation:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def dashboard(self) -> str:
+        """The read-only live dashboard `serve --dashboard-listen` runs (PORT+5)."""
+        return f"127.0.0.1:{self.port + 5}"
+
 
 def set_up(run: Runner, federation: Federation, data: Path, recipe: Path) -> dict[str, str]:
     """init, partition, recipe, invite, serve; returns each site's token."""
@@ -350,7 +355,8 @@ def set_up(run: Runner, federation: Federation, data: Path, recipe: Path) -> dic
     }  # fmt: skip
     federation.server = run.start(
         "coordinator", "serve", "--state", state, "--listen", federation.address,
-        "--heartbeat-seconds", "1", log=f"serve-{federation.name}",
+        "--heartbeat-seconds", "1", "--dashboard-listen", federation.dashboard,
+        log=f"serve-{federation.name}",
     )  # fmt: skip
     return tokens
 
@@ -381,6 +387,7 @@ def wait_for_training(run: Runner, federations: list[Federation], timeout: float
     """Progress bars from `coordinator status --json` until every join has exited."""
     for federation in federations:
         run.show(["coordinator", "status", "--state", str(federation.state), "--json"])
+        console.print(f"  live dashboard of {federation.name}: http://{federation.dashboard}/")
     deadline = time.monotonic() + timeout
     finals: dict[str, Any] = {}
     with _progress() as bar:

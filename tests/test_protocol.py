@@ -148,6 +148,7 @@ def test_cli_flags_are_pinned() -> None:
             "--state",
             "-h",
         ],
+        "health": ["--address", "--help", "--service", "--state", "--timeout", "-h"],
         "status": ["--help", "--json", "--state", "-h"],
         "audit": ["--export", "--help", "--json", "--state", "-h"],
         "uploads": ["--help", "--json", "--older-than", "--prune", "--state", "-h"],

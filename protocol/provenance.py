@@ -115,6 +115,8 @@ class TrainingRun:
         steps: Optimiser steps taken.
         final_loss: Last training loss (finite).
         gpus: Names of the devices used, one per GPU (empty on CPU).
+        processes: Ranks that trained (torchrun's world size), when recorded.
+        nodes: Machines those ranks ran on, when recorded.
     """
 
     expert_index: int
@@ -129,6 +131,8 @@ class TrainingRun:
     steps: int
     final_loss: float
     gpus: tuple[str, ...] = ()
+    processes: int | None = None
+    nodes: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.expert_index, bool) or self.expert_index < 0:
@@ -147,6 +151,10 @@ class TrainingRun:
             raise InvalidArgument(f"steps: expected >= 0, got {self.steps}")
         if not math.isfinite(self.final_loss):
             raise InvalidArgument(f"final_loss: expected a finite number, got {self.final_loss}")
+        for name in ("processes", "nodes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise InvalidArgument(f"{name}: expected an integer >= 1, got {value!r}")
 
     def to_json(self) -> dict[str, Any]:
         """The run as a flat JSON object (times as RFC 3339), for reports and audit events."""
@@ -199,7 +207,16 @@ def provenance_statement(provenance: ExpertProvenance) -> dict[str, Any]:
     if not provenance.builder_id.startswith("spiffe://"):
         raise InvalidArgument(f"builder_id {provenance.builder_id!r}: expected a spiffe:// id")
     run = provenance.run
-    summary = {"steps": run.steps, "finalLoss": run.final_loss, "gpus": list(run.gpus)}
+    summary: dict[str, Any] = {
+        "steps": run.steps,
+        "finalLoss": run.final_loss,
+        "gpus": list(run.gpus),
+    }
+    # Statements from before these were recorded lack them; theirs must stay byte for byte.
+    if run.processes is not None:
+        summary["processes"] = run.processes
+    if run.nodes is not None:
+        summary["nodes"] = run.nodes
     return {
         "_type": STATEMENT_TYPE,
         "subject": [
@@ -280,6 +297,8 @@ def _parse_statement(statement: Any) -> ExpertProvenance:
             steps=summary["annotations"]["steps"],
             final_loss=float(summary["annotations"]["finalLoss"]),
             gpus=tuple(summary["annotations"]["gpus"]),
+            processes=summary["annotations"].get("processes"),
+            nodes=summary["annotations"].get("nodes"),
         )
         return ExpertProvenance(
             model_root_digest=check_sha256_hex(subject["digest"]["sha256"], "subject digest"),

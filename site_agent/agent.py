@@ -22,6 +22,7 @@ from protocol.download import download_artifact
 from protocol.errors import AtollError, FailedPrecondition, Interrupted, VerificationFailed
 from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
 from site_agent import expert, renewal
+from site_agent.launch import LaunchSettings
 from site_agent.supervisor import Supervisor, SupervisorConfig
 from site_agent.transfer import signed_manifest, upload_directory
 from site_agent.workdir import SiteIdentity, Workdir
@@ -78,6 +79,7 @@ class Agent:
     image_root: Path | None = None
     base_model: Path | None = None
     supervisor_config: SupervisorConfig | None = None
+    launch: LaunchSettings | None = None  # ranks, here or as a Slurm job (default: all GPUs)
     stop: threading.Event = field(default_factory=threading.Event)
     phase: str = "waiting"
     heartbeat_seconds: float = 10.0
@@ -212,6 +214,9 @@ class Agent:
         elif kind == "restart":
             self.message = f"trainer restarted after {event['cause']}"
             log.warning("[site] %s", self.message)
+        elif kind == "job":
+            self.message = f"Slurm job {event['job_id']} {event['state']}"
+            log.info("[site] %s (restarts %s)", self.message, event.get("restarts"))
         if time.monotonic() >= self._next_beat:
             self.beat()
 
@@ -234,6 +239,7 @@ class Agent:
                 on_event=self._on_training_event,
                 on_tick=self._on_training_tick,
                 supervisor_ready=lambda s: setattr(self, "_supervisor", s),
+                launch=self.launch,
             )
             self._supervisor = None
             if done is None:

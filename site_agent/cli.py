@@ -18,6 +18,7 @@ from protocol.errors import FailedPrecondition, Interrupted, InvalidArgument
 from protocol.messages import PHASES
 from protocol.x509 import load_certificate
 from site_agent.agent import RESUMABLE, Agent, connect, enrol, require_enrolled
+from site_agent.launch import LaunchSettings, SlurmSettings, local_processes, parse_gpus
 from site_agent.workdir import Workdir, read_json
 
 log = logging.getLogger("atoll.site")
@@ -28,6 +29,7 @@ FIRST_CONTACT_GIVE_UP = "1m"
 
 def cmd_join(args: argparse.Namespace) -> int:
     workdir = Workdir(Path(args.workdir))
+    launch = _launch(args)  # bad launch flags fail before enrolling or downloading anything
     stop = threading.Event()
     _on_signal(stop.set)  # from here on: enrolment's waits end at once too
     if workdir.is_enrolled():
@@ -47,6 +49,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         agent = _agent(args, workdir, client)
         if stop.is_set():
             raise Interrupted("stopped by a signal")
+        agent.launch = launch
         return agent.run(until=args.until)
 
 
@@ -67,10 +70,44 @@ def _agent(args: argparse.Namespace, workdir: Workdir, client: FederationClient 
     return agent
 
 
+def _launch(args: argparse.Namespace) -> LaunchSettings:
+    """The launch flags, checked against this machine (GPUs) or the cluster (Slurm tools,
+    shared workdir)."""
+    slurm = SlurmSettings(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+        extra_args=tuple(args.slurm_arg),
+        template=Path(args.slurm_template) if args.slurm_template else None,
+    )
+    if args.launcher == "local" and (args.nodes != 1 or args.gpus_per_node is not None):
+        raise InvalidArgument(
+            "--nodes and --gpus-per-node are for --launcher slurm; on this machine use --gpus N"
+        )
+    launch = LaunchSettings(
+        gpus=parse_gpus(args.gpus) if args.gpus is not None else None,
+        procs=args.procs,
+        launcher=args.launcher,
+        slurm=slurm,
+    )
+    if launch.launcher == "local":
+        local_processes(launch)
+    else:
+        from site_agent.slurm import check_shared_workdir, check_slurm
+
+        check_slurm()
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        check_shared_workdir(Path(args.workdir), slurm.nodes)
+    return launch
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """An offline site: verify the assignment's files, train, sign; `upload` sends it later."""
     workdir = Workdir(Path(args.workdir))
     require_enrolled(workdir)
+    launch = _launch(args)
     if args.assignment:
         given = read_json(Path(args.assignment))
         if not isinstance(given, dict) or "assignment_digest" not in given:
@@ -88,6 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if workdir.assignment() is None:
         raise FailedPrecondition(f"{workdir.root} has no assignment: pass --assignment FILE")
     agent = _agent(args, workdir, None)
+    agent.launch = launch
     saved_phase = workdir.agent_state().get("phase")
     agent.phase = saved_phase if saved_phase in RESUMABLE else "ready"
     if agent.phase != "done":
@@ -147,6 +185,35 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", help="where this site's copy of the shard's images is")
     parser.add_argument(
         "--base-model", help="local base checkpoint, when the coordinator does not serve it"
+    )
+    launch = parser.add_argument_group("ranks (torchrun)")
+    launch.add_argument(
+        "--gpus", metavar="N|all", help="ranks on this machine, one per GPU (default: all visible)"
+    )
+    launch.add_argument(
+        "--procs", type=int, metavar="N", help="N CPU processes (gloo) instead of one per GPU"
+    )
+    launch.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="train on this machine (default) or submit a Slurm job from this login node",
+    )
+    slurm = parser.add_argument_group("Slurm (--launcher slurm)")
+    slurm.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes of the job")
+    slurm.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs (ranks) per node")
+    slurm.add_argument("--partition", metavar="P")
+    slurm.add_argument("--time", metavar="HH:MM:SS", help="time limit (resubmitted after it)")
+    slurm.add_argument("--account", metavar="A")
+    slurm.add_argument(
+        "--slurm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="a further sbatch option, e.g. --slurm-arg=--qos=high (repeatable)",
+    )
+    slurm.add_argument(
+        "--slurm-template", metavar="FILE", help="batch script (default deploy/slurm/...)"
     )
 
 

@@ -18,8 +18,10 @@ from protocol.digests import file_sha256
 from protocol.errors import FailedPrecondition, NotFound, VerificationFailed
 from protocol.provenance import TrainingRun, sign_expert
 from protocol.signing import hash_model_files, root_digest
+from site_agent.launch import LaunchSettings, local_processes
 from site_agent.supervisor import (
     EventCallback,
+    Launcher,
     Supervisor,
     SupervisorConfig,
     TickCallback,
@@ -120,18 +122,29 @@ def train(
     on_event: EventCallback | None = None,
     on_tick: TickCallback | None = None,
     supervisor_ready: Any = None,
+    launch: LaunchSettings | None = None,
 ) -> dict[str, Any] | None:
     """Runs the supervised trainer to the end (resuming any earlier run); returns its ``done``
     event, or None when stopped. ``supervisor_ready(supervisor)`` lets a caller keep a handle
-    to stop it."""
+    to stop it. ``launch`` says how many ranks train, here or as a Slurm job."""
+    launch = launch or LaunchSettings()
+    config = config or SupervisorConfig()
     command = TrainingCommand(
         recipe=inputs.recipe,
         shard=inputs.shard,
         output=run_directory(workdir),
         image_root=image_root,
         base_model=inputs.base_model,
+        processes=local_processes(launch) if launch.launcher == "local" else 1,
     )
-    supervisor = Supervisor(command, config, on_event=on_event, on_tick=on_tick)
+    launcher: Launcher | None = None
+    if launch.launcher == "slurm":
+        from site_agent.slurm import SlurmLauncher
+
+        launcher = SlurmLauncher(
+            command, launch, config.stop_grace_seconds, template=launch.slurm.template
+        )
+    supervisor = Supervisor(command, config, on_event=on_event, on_tick=on_tick, launcher=launcher)
     if supervisor_ready is not None:
         supervisor_ready(supervisor)
     return supervisor.run()
@@ -161,6 +174,8 @@ def sign(
         steps=int(done.get("step", 0)),
         final_loss=float(done.get("final_loss", 0.0)),
         gpus=tuple(done.get("gpus", ())),
+        processes=done.get("processes"),
+        nodes=done.get("nodes"),
     )
     sign_expert(
         model_dir,

@@ -5,7 +5,10 @@ out-of-memory killer, a bug) must not take the agent down, and a restarted train
 up from its last checkpoint. :class:`Supervisor` does that:
 
 * it starts ``python -m site_agent.training ... --resume`` (see
-  :mod:`site_agent.training.__main__`) with the child's standard error appended to
+  :mod:`site_agent.training.__main__`), or for several ranks PyTorch's own launcher around it
+  (``python -m torch.distributed.run --standalone --nproc-per-node N``, one rank per device,
+  no restarts of its own: the supervisor restarts the whole group), with the child's standard
+  error appended to
   ``OUTPUT/train.log`` (across restarts) and its standard output, the JSON progress lines,
   drained by a background thread, so the child never waits on a full pipe;
 * it hands every progress event to ``on_event(event)`` and calls ``on_tick()`` every
@@ -16,7 +19,10 @@ up from its last checkpoint. :class:`Supervisor` does that:
   get from us, exit 0 without a ``done`` event) it starts it again after a backoff; after
   ``max_restarts`` restarts in a row without a new checkpoint it gives up with
   :class:`TrainingFailed`. Bad input (exit 2, 3, 4, 7, 8) fails at once: a restart would only
-  fail the same way.
+  fail the same way. Under torchrun, which exits 1 whatever a rank did, the failing rank's exit
+  code and message come from torchelastic's error file (``OUTPUT/launcher-error.json``);
+* :meth:`Supervisor.stop` sends SIGTERM to the trainer (torchrun passes it to every rank);
+  the ranks agree on a step, checkpoint it and exit.
 
 Example::
 
@@ -48,19 +54,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from protocol.errors import AtollError, InvalidArgument
 from protocol.exit_codes import ExitCode
+from site_agent.launch import LAUNCHER_ERROR_NAME, TrainingCommand, rank_failure
 
 __all__ = [
     "EventCallback",
+    "Launcher",
+    "LocalLauncher",
     "Supervisor",
     "SupervisorConfig",
     "TickCallback",
+    "TrainerProcess",
     "TrainingCommand",
     "TrainingFailed",
 ]
@@ -133,34 +143,88 @@ class SupervisorConfig:
         return float(min(delay, self.max_backoff_seconds))
 
 
-@dataclass(frozen=True)
-class TrainingCommand:
-    """The files of one training run (the flags of ``python -m site_agent.training``).
+class TrainerProcess(Protocol):
+    """A running trainer as the supervisor sees it: a local process (``subprocess.Popen`` is
+    one) or a Slurm job (:class:`site_agent.slurm.SlurmJob`).
 
-    Attributes:
-        recipe: The training recipe (YAML).
-        shard: The shard manifest ``expert-<k>.json``.
-        output: The run directory (``train.log`` goes here too).
-        image_root: Directory the shard's images are under.
-        base_model: Local base checkpoint directory.
+    ``stdout`` yields the trainer's JSON progress lines until it ends; ``send_signal(SIGTERM)``
+    asks every rank to checkpoint and stop; ``wait`` raises ``subprocess.TimeoutExpired``.
     """
 
-    recipe: Path
-    shard: Path
-    output: Path
-    image_root: Path | None = None
-    base_model: Path | None = None
+    @property
+    def pid(self) -> int: ...
 
-    def argv(self) -> list[str]:
-        """The child's command line; always ``--resume``, so a restart continues the run."""
-        argv = [sys.executable, "-m", "site_agent.training"]
-        argv += ["--recipe", str(self.recipe), "--shard", str(self.shard)]
-        if self.image_root is not None:
-            argv += ["--image-root", str(self.image_root)]
-        argv += ["--output", str(self.output)]
-        if self.base_model is not None:
-            argv += ["--base-model", str(self.base_model)]
-        return [*argv, "--resume", "--progress", "-"]
+    @property
+    def stdout(self) -> Iterable[str] | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    """Starts the trainer, and says after a failure which rank failed and why."""
+
+    def start(self, attempt: int, log: IO[str]) -> TrainerProcess:
+        """Starts attempt ``attempt``; its diagnostics go to ``log`` (``train.log``)."""
+        ...
+
+    def failure(self, exit_code: int) -> tuple[int, str] | None:
+        """(exit code, message) of the failing rank when the launcher knows better than
+        ``exit_code`` (torchrun exits 1 whatever a rank did); None otherwise."""
+        ...
+
+
+class LocalLauncher:
+    """The trainer on this machine: ``python -m site_agent.training``, or torchrun around it.
+
+    Args:
+        command: The run's files and number of ranks.
+        config: ``stop_grace_seconds`` becomes torchrun's shutdown timeout.
+        env: The child's environment (default: this process's).
+        argv: Replaces the child's command line (tests inject failing commands with it).
+    """
+
+    def __init__(
+        self,
+        command: TrainingCommand,
+        config: SupervisorConfig,
+        env: Mapping[str, str] | None = None,
+        argv: Sequence[str] | None = None,
+    ) -> None:
+        self.argv = list(argv) if argv is not None else command.argv(config.stop_grace_seconds)
+        self.env = dict(env) if env is not None else dict(os.environ)
+        self.error_file = command.output / LAUNCHER_ERROR_NAME
+        if command.processes > 1:
+            self.env["TORCHELASTIC_ERROR_FILE"] = str(self.error_file)
+
+    def start(self, attempt: int, log: IO[str]) -> subprocess.Popen[str]:
+        self.error_file.unlink(missing_ok=True)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
+        log.write(f"--- supervisor: attempt {attempt}, {stamp}: {shlex.join(self.argv)}\n")
+        log.flush()
+        # A session of its own: a Ctrl-C at the agent's terminal reaches the agent, which
+        # stops the trainer with SIGTERM (a checkpoint), not the trainer directly.
+        return subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=self.env,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=_stop_with_parent,
+        )
+
+    def failure(self, exit_code: int) -> tuple[int, str] | None:
+        return rank_failure(self.error_file) if exit_code else None
 
 
 class TrainingFailed(AtollError):
@@ -215,6 +279,8 @@ class Supervisor:
             while waiting to restart. Exceptions propagate as from ``on_event``.
         env: The child's environment (default: this process's).
         argv: Replaces the child's command line (tests inject failing commands with it).
+        launcher: Starts the trainer elsewhere (a Slurm job); default a :class:`LocalLauncher`
+            of ``command``, ``env`` and ``argv``.
     """
 
     def __init__(
@@ -226,17 +292,17 @@ class Supervisor:
         on_tick: TickCallback | None = None,
         env: Mapping[str, str] | None = None,
         argv: Sequence[str] | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.command = command
         self.config = config or SupervisorConfig()
         self.log_path = command.output / LOG_NAME
         self._on_event = on_event or (lambda event: None)
         self._on_tick = on_tick or (lambda: None)
-        self._env = dict(env) if env is not None else None
-        self._argv = list(argv) if argv is not None else command.argv()
+        self.launcher = launcher or LocalLauncher(command, self.config, env, argv)
         self._lock = threading.Lock()
         self._stop_requested = threading.Event()
-        self._process: subprocess.Popen[str] | None = None
+        self._process: TrainerProcess | None = None
         self._next_tick = 0.0
         self._kill_at: float | None = None  # SIGKILL deadline after stop()
 
@@ -285,7 +351,7 @@ class Supervisor:
             if code in INPUT_ERRORS:
                 raise self._failure(
                     f"training failed: the trainer stopped with exit code {code} ({cause}); "
-                    "not restarted, as the same inputs would fail again",
+                    "not restarted, as a restart would end the same way",
                     result,
                     attempt,
                 )
@@ -343,6 +409,10 @@ class Supervisor:
                 item = self._next_item(events, process)
                 if isinstance(item, _Exited):
                     result.exit_code = item.code
+                    failure = self.launcher.failure(item.code)
+                    if failure is not None:  # torchrun's 1 hides the rank's own exit code
+                        result.exit_code = failure[0]
+                        result.error = {"message": failure[1]}
                     return result
                 if item is None:  # a tick, or the stop deadline
                     continue
@@ -360,35 +430,16 @@ class Supervisor:
             with self._lock:
                 self._process = None
 
-    def _spawn(self, attempt: int) -> subprocess.Popen[str]:
+    def _spawn(self, attempt: int) -> TrainerProcess:
         with self.log_path.open("a", encoding="utf-8") as train_log:
             if not _ends_a_line(self.log_path):
                 train_log.write("\n")
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
-            train_log.write(
-                f"--- supervisor: attempt {attempt}, {stamp}: {shlex.join(self._argv)}\n"
-            )
-            train_log.flush()
-            # A session of its own: a Ctrl-C at the agent's terminal reaches the agent, which
-            # stops the trainer with SIGTERM (a checkpoint), not the trainer directly.
-            process = subprocess.Popen(
-                self._argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=train_log,
-                env=self._env,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-                start_new_session=True,
-                preexec_fn=_stop_with_parent,
-            )
+            process = self.launcher.start(attempt, train_log)
         log.info("[Supervisor.run] attempt %d: trainer pid %d", attempt, process.pid)
         return process
 
     def _next_item(
-        self, events: queue.Queue[dict[str, Any] | _Exited], process: subprocess.Popen[str]
+        self, events: queue.Queue[dict[str, Any] | _Exited], process: TrainerProcess
     ) -> dict[str, Any] | _Exited | None:
         """The next item from the reader, or None when a tick or the stop deadline came first.
 
@@ -432,7 +483,7 @@ class Supervisor:
             self._stop_requested.wait(min(deadline, self._next_tick) - now)
             self._tick()
 
-    def _terminate(self, process: subprocess.Popen[str]) -> None:
+    def _terminate(self, process: TrainerProcess) -> None:
         """SIGTERM (the trainer checkpoints and exits), SIGKILL after the grace period."""
         process.send_signal(signal.SIGTERM)
         try:
@@ -463,11 +514,11 @@ def _stop_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
-def _drain(process: subprocess.Popen[str], events: queue.Queue[dict[str, Any] | _Exited]) -> None:
+def _drain(process: TrainerProcess, events: queue.Queue[dict[str, Any] | _Exited]) -> None:
     """Reads the child's JSON lines until it closes its output, then waits for its exit."""
-    stream: IO[str] | None = process.stdout
+    stream = process.stdout
     assert stream is not None
-    with stream:
+    try:
         for line in stream:
             if not line.strip():
                 continue
@@ -479,6 +530,10 @@ def _drain(process: subprocess.Popen[str], events: queue.Queue[dict[str, Any] | 
                 events.put(event)
             else:
                 log.warning("[Supervisor] not a progress line from the trainer: %r", line[:200])
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
     events.put(_Exited(process.wait()))
 
 

@@ -6,12 +6,21 @@ Exit codes come from :mod:`protocol.exit_codes` (0 done, 3 bad input, 4 not foun
 state, 8 digest mismatch, 130 stopped by SIGTERM after a checkpoint, 1 anything unexpected);
 progress goes out as JSON lines (see :class:`~site_agent.training.trainer.ProgressLog`),
 human-readable errors to standard error.
+
+Under torchrun every rank runs this entry point. torchrun exits 1 whatever failed, so a rank
+that fails also writes torchelastic's error file (``TORCHELASTIC_ERROR_FILE``, the format of
+``@record``) with its rank and message; torchrun copies the first failing rank's file into its
+own error file with that rank's exit code (``errorCode``), where the supervisor reads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AtollError as error:
         progress.error(error)
         print(f"site_agent.training: {error}", file=sys.stderr)
+        _record_failure(error)
         return int(error.exit_code)
     except TrainingStopped as stopped:
         print(f"site_agent.training: {stopped}", file=sys.stderr)
@@ -88,9 +98,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A bug or an environment failure: tell the supervisor, keep the traceback for people.
         message = f"{type(error).__name__}: {error}"
         progress.emit("error", error="unexpected", message=message, exit_code=int(ExitCode.ERROR))
+        _record_failure(error)
         raise
     finally:
         progress.close()
+
+
+def _record_failure(error: BaseException) -> None:
+    """Writes torchelastic's error file for this rank, when torchrun asked for one.
+
+    The layout of ``torch.distributed.elastic``'s ``@record`` (``message.message``,
+    ``extraInfo.py_callstack`` and ``timestamp``), plus ``extraInfo.rank``: ``@record`` itself
+    only sees exceptions that escape, while a domain error here becomes an exit code.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {
+        "message": {
+            "message": f"{type(error).__name__}: {error}",
+            "extraInfo": {
+                "py_callstack": traceback.format_exc(),
+                "timestamp": str(int(time.time())),
+                "rank": int(os.environ.get("RANK", "0")),
+            },
+        }
+    }
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
 
 
 def _quiet_libraries() -> None:

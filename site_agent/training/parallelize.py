@@ -1,8 +1,12 @@
-"""Where the model runs and how it is wrapped: device, precision, LoRA (peft), DeepSpeed.
+"""Where the model runs and how it is wrapped: device, precision, ranks, LoRA (peft), DeepSpeed.
 
 Kept apart from the training loop (torchtitan's ``parallelize``): the loop receives a model that
 is already frozen and wrapped, and a DeepSpeed config it hands to the Trainer unchanged.
 DeepSpeed is only imported on CUDA sites; the CPU path never touches it.
+
+Under torchrun (``WORLD_SIZE`` > 1) :func:`init_distributed` joins the ranks' process group
+(gloo on CPU, nccl on CUDA) before anything collective; the HF Trainer, accelerate and DeepSpeed
+then use that group. The trainer never knows whether torchrun ran on one node or under Slurm.
 """
 
 from __future__ import annotations
@@ -10,13 +14,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
+from protocol.errors import AtollError, FailedPrecondition, InvalidArgument, NotFound
 from protocol.recipe import Architecture, ModelSettings, TrainingSettings
 from site_agent.training.model import (
     freeze_parameters,
@@ -24,14 +30,22 @@ from site_agent.training.model import (
 )
 
 __all__ = [
+    "any_rank",
     "apply_lora",
+    "barrier",
     "deepspeed_config",
+    "init_distributed",
     "is_main_process",
+    "launch_facts",
+    "local_rank",
+    "on_main_process",
     "prepare_model",
     "resolve_device",
     "uses_bf16",
     "world_size",
 ]
+
+T = TypeVar("T")
 
 
 def resolve_device(settings: TrainingSettings) -> Literal["cpu", "cuda"]:
@@ -83,6 +97,93 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0 (or a single process): the one that writes files and reports progress."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def local_rank() -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; 0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device: str) -> None:
+    """Joins the process group of torchrun's ranks: nccl on CUDA (one device per rank, by
+    LOCAL_RANK), gloo on CPU. Nothing to do for a single process or a group already joined."""
+    if world_size() == 1 or dist.is_initialized():
+        return
+    if device == "cuda":
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()))
+    else:
+        dist.init_process_group("gloo")
+
+
+def _distributed() -> bool:
+    return world_size() > 1 and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Waits for every rank (a no-op for a single process)."""
+    if _distributed():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """Whether ``flag`` is set on any rank: every rank gets the same answer at the same call."""
+    if not _distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def on_main_process(work: Callable[[], T]) -> T:
+    """Runs ``work`` on rank 0 only and hands its result, or its domain error, to every rank.
+
+    For work whose answer is the same for all ranks and costly to get (hashing a shard's
+    images): done once per site, not once per rank. A rank-0 failure fails every rank alike,
+    so none waits forever for the others.
+    """
+    if not _distributed():
+        return work()
+    outcome: list[Any] = [None]
+    error: BaseException | None = None
+    if is_main_process():
+        try:
+            outcome[0] = ("ok", work())
+        except AtollError as failure:
+            error, outcome[0] = failure, ("error", failure)
+        except BaseException as failure:
+            error = failure
+            outcome[0] = ("crash", f"rank 0 failed: {type(failure).__name__}: {failure}")
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if error is not None:
+        raise error
+    if kind == "error":
+        raise value
+    if kind == "crash":
+        raise RuntimeError(value)
+    result: T = value
+    return result
+
+
+def launch_facts(device: str) -> dict[str, Any]:
+    """How many processes, nodes and devices train: for the run record and the provenance.
+
+    ``devices`` names each rank's device in rank order (a GPU's model name, or ``cpu``);
+    ``gpus`` is the same list on CUDA and empty on CPU.
+    """
+    name = torch.cuda.get_device_name(local_rank()) if device == "cuda" else "cpu"
+    names: list[Any] = [name]
+    if _distributed():
+        names = [None] * world_size()
+        dist.all_gather_object(names, name)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return {
+        "processes": world_size(),
+        "nodes": max(1, world_size() // max(1, per_node)),
+        "devices": [str(n) for n in names],
+        "gpus": [str(n) for n in names] if device == "cuda" else [],
+    }
 
 
 def deepspeed_config(

@@ -243,8 +243,9 @@ class _StopOnSigterm(TrainerCallback):
     save a regular checkpoint at that clean step boundary, and stop, instead of dying and
     losing up to ``save_steps`` steps.
 
-    Single-process runs only: under torchrun the ranks could see the signal at different steps
-    and disagree about where to stop, so there the signal keeps its default meaning.
+    Under torchrun the ranks see the signal at different moments; after every optimizer step
+    they agree (one all-reduce of a flag) whether any rank has it, so all of them save the
+    same step and stop together.
     """
 
     def __init__(self) -> None:
@@ -252,8 +253,7 @@ class _StopOnSigterm(TrainerCallback):
         self._previous: Any = None
 
     def __enter__(self) -> _StopOnSigterm:
-        if parallelize.world_size() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._request)
+        self._previous = signal.signal(signal.SIGTERM, self._request)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -264,7 +264,7 @@ class _StopOnSigterm(TrainerCallback):
         self.requested = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.requested:
+        if parallelize.any_rank(self.requested, args.device):
             control.should_save = True
             control.should_training_stop = True
 
@@ -463,9 +463,14 @@ def run_training(job: TrainingJob, progress: ProgressLog) -> Path:
     device = parallelize.resolve_device(recipe.training)
     bf16 = parallelize.uses_bf16(recipe.training, device)
     deepspeed = parallelize.deepspeed_config(recipe.training, job.recipe_dir, device)
+    parallelize.init_distributed(device)
+    launch = parallelize.launch_facts(device)
 
     progress.emit("phase", phase="verifying-data")
-    images_checked = verify_shard(job.shard, job.image_root, recipe.data.verify_workers)
+    # Once per site: the images are the same files for every rank (and node: shared storage).
+    images_checked = parallelize.on_main_process(
+        lambda: verify_shard(job.shard, job.image_root, recipe.data.verify_workers)
+    )
     progress.emit("phase", phase="preparing-data")
     processor = load_processor(recipe.model, job.base_model)
     dataset, stats = build_dataset(
@@ -482,6 +487,7 @@ def run_training(job: TrainingJob, progress: ProgressLog) -> Path:
     model = parallelize.prepare_model(model, recipe.model)
     trainable, total = count_parameters(model)
     record = _run_record(job, schedule, stats, images_checked, device, bf16, trainable, total)
+    record["launch"] = launch
     if parallelize.is_main_process():
         _write_json(job.output / "run.json", record)
 
@@ -505,12 +511,14 @@ def run_training(job: TrainingJob, progress: ProgressLog) -> Path:
         data=stats.to_json(),
         device=device,
         bf16=bf16,
+        launch=launch,
     )
     progress.emit("phase", phase="training")
     started = time.monotonic()
     with stop:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if output.global_step < schedule.total_steps:
+        parallelize.barrier()  # no rank exits while another still writes the checkpoint
         saved = job.output / "checkpoints" / f"{_CHECKPOINT_PREFIX}{output.global_step}"
         progress.emit("stopped", step=int(output.global_step), checkpoint=str(saved))
         raise TrainingStopped(f"stopped at step {output.global_step}; resume with --resume")
@@ -523,6 +531,9 @@ def run_training(job: TrainingJob, progress: ProgressLog) -> Path:
         "final_loss": reporter.last_loss,
         "mean_loss": _finite(output.training_loss),
         "seconds": round(time.monotonic() - started, 2),
+        "processes": launch["processes"],
+        "nodes": launch["nodes"],
+        "gpus": launch["gpus"],
     }
     if parallelize.is_main_process():
         _write_json(job.output / "run.json", {**record, "result": result})

@@ -183,3 +183,21 @@ def test_training_run_is_validated(run: TrainingRun) -> None:
         dataclasses.replace(run, final_loss=float("nan"))
     with pytest.raises(InvalidArgument, match="before started_on"):
         dataclasses.replace(run, finished_on=run.started_on.replace(year=2000))
+    with pytest.raises(InvalidArgument, match="processes: expected an integer >= 1, got 0"):
+        dataclasses.replace(run, processes=0)
+
+
+def test_processes_and_nodes_are_signed_and_read_back(pki: Pki, run: TrainingRun) -> None:
+    scaled = dataclasses.replace(run, processes=16, nodes=2)
+    provenance = ExpertProvenance("e" * 64, "spiffe://fed/site/a", scaled)
+    statement = provenance_statement(provenance)
+    [summary] = statement["predicate"]["runDetails"]["byproducts"]
+    assert summary["annotations"]["processes"] == 16 and summary["annotations"]["nodes"] == 2
+    envelope = sign_provenance(provenance, pki.site_a.key)
+    read = verify_provenance(json.dumps(envelope).encode(), pki.site_a.key.public_key())
+    assert (read.run.processes, read.run.nodes) == (16, 2)
+    # A run that did not record them (statements signed before) has neither key.
+    [old] = provenance_statement(ExpertProvenance("e" * 64, "spiffe://fed/site/a", run))[
+        "predicate"
+    ]["runDetails"]["byproducts"]
+    assert "processes" not in old["annotations"] and "nodes" not in old["annotations"]

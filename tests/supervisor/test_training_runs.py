@@ -3,7 +3,6 @@ shard), a kill -9 mid-run resumed to the same weights, bad input, stop()."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 # The training core's synthetic shard and recipe writers (tests/ is on sys.path under pytest).
-from training.synthetic import Shard, write_recipe, write_shard
+from training.synthetic import Shard
 
 from protocol.exit_codes import ExitCode
 from site_agent.supervisor import Supervisor, SupervisorConfig, TrainingCommand, TrainingFailed
@@ -22,26 +21,13 @@ from site_agent.training.trainer import last_complete_checkpoint
 
 pytestmark = pytest.mark.slow
 
-# One thread per child: as fast as it gets on a shared 2-core machine, and the same arithmetic
-# in every run, so weights compare exactly.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # same arithmetic in every run
 CONFIG = SupervisorConfig(backoff_seconds=0.1, tick_seconds=0.2)
 
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("supervised")
-
-
-@pytest.fixture(scope="module")
-def shard(tmp: Path) -> Shard:
-    return write_shard(tmp / "shard")
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp: Path) -> Path:
-    # 24 steps (32 samples, K = 2, dense global batch 8, 3 epochs), a checkpoint every 5.
-    return write_recipe(tmp / "recipe.yaml", {"training": {"save_steps": 5}})
 
 
 class Recorder:
@@ -149,16 +135,11 @@ def test_kill_9_mid_run_is_restarted_and_ends_with_the_uninterrupted_weights(
 
 
 def test_an_image_digest_mismatch_fails_at_once_with_the_log_tail(
-    tmp: Path, recipe: Path, shard: Shard
+    tmp: Path, recipe: Path, shard: Shard, tampered_manifest: Path
 ) -> None:
-    document = json.loads(shard.manifest.read_text())
-    document["samples"][0]["image_sha256"] = "0" * 64
-    manifest = tmp / "tampered" / "expert-0.json"
-    manifest.parent.mkdir()
-    manifest.write_text(json.dumps(document))
     recorder = Recorder()
     with pytest.raises(TrainingFailed) as failed:
-        supervisor(tmp, "tampered-run", recipe, shard, recorder, manifest).run()
+        supervisor(tmp, "tampered-run", recipe, shard, recorder, tampered_manifest).run()
     error = failed.value
     assert error.exit_code == ExitCode.VERIFY_FAILED and error.child_exit_code == 8
     assert error.restarts == 0 and not recorder.named("restart")

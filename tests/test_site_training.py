@@ -112,3 +112,24 @@ def test_offline_train_refuses_another_assignment(running: Any, tmp_path: Path) 
     assert code == ExitCode.PRECONDITION
     assert workdir.assignment() == document  # the workdir's own assignment is untouched
     assert not (workdir.root / "run").exists()
+
+
+def test_join_with_two_processes_ends_accepted(running: Any, tmp_path: Path) -> None:
+    image_root = federation_with_shard(running, tmp_path)
+    workdir = tmp_path / "site"
+    code = site_agent_main(
+        ["join", "--coordinator", running.address, "--enrol-address", running.enrol_address,
+         "--token", running.invite("alpha"), "--workdir", str(workdir),
+         "--image-root", str(image_root), "--procs", "2"]
+    )  # fmt: skip
+    assert code == 0, (workdir / "run" / "train.log").read_text()[-3000:]
+    assert json.loads((workdir / "agent.json").read_text())["phase"] == "done"
+    [accepted] = [running.coordinator.store.get_upload(uid) for uid in _upload_ids(running)]
+    assert accepted is not None and accepted.state == "accepted"
+    run = json.loads((workdir / "run" / "run.json").read_text())
+    assert run["launch"] == {"processes": 2, "nodes": 1, "devices": ["cpu", "cpu"], "gpus": []}
+    # The signed provenance says how many processes trained the expert.
+    uploaded = running.state.uploads_dir / accepted.upload_id / "files"
+    verified = verify_expert(uploaded, trusted_ca_pem=(workdir / "tls" / "ca.pem").read_bytes())
+    assert (verified.provenance.run.processes, verified.provenance.run.nodes) == (2, 1)
+    assert verified.provenance.run.gpus == ()

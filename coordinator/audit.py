@@ -21,6 +21,7 @@ Example (what `coordinator audit` does)::
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -30,7 +31,15 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.state import StateDir
-from coordinator.store import AssignmentRecord, AuditRecord, SiteRecord, Store, UploadRecord
+from coordinator.store import (
+    AssignmentRecord,
+    AuditRecord,
+    PlanRecord,
+    SiteRecord,
+    Store,
+    TokenRecord,
+    UploadRecord,
+)
 from protocol.audit_log import (
     AuditEvent,
     AuditLog,
@@ -57,8 +66,11 @@ __all__ = [
     "assigned_event",
     "enrolled_event",
     "export_log",
+    "invited_event",
+    "plan_set_event",
     "provenance_details",
     "provenance_table",
+    "recipe_set_event",
     "record_assembled",
     "record_published",
     "rejected_event",
@@ -73,6 +85,37 @@ _CHECKPOINT_ATTEMPTS = 20
 
 
 # -- events ------------------------------------------------------------------------------
+
+
+def invited_event(token: TokenRecord) -> AuditEvent:
+    """An enrolment token was issued (its secret is never logged, only its id)."""
+    return AuditEvent.new(
+        "invited",
+        {
+            "site": token.site,
+            "role": token.role,
+            "token_id": token.token_id,
+            "expires_at": token.expires_at,
+        },
+    )
+
+
+def recipe_set_event(description_json: str) -> AuditEvent:
+    """The federation's recipe (and base checkpoint) was set or changed."""
+    description = json.loads(description_json)
+    return AuditEvent.new(
+        "recipe_set",
+        {
+            "name": description.get("name"),
+            "recipe_sha256": description.get("sha256"),
+            "base_model_digest": (description.get("base_model") or {}).get("digest"),
+        },
+    )
+
+
+def plan_set_event(plan: PlanRecord) -> AuditEvent:
+    """The partition plan was set or replaced (before any expert was assigned)."""
+    return AuditEvent.new("plan_set", {"plan_digest": plan.digest, "num_experts": plan.num_experts})
 
 
 def enrolled_event(site: SiteRecord) -> AuditEvent:
@@ -275,15 +318,30 @@ class LogReport:
         return {**asdict(self), "verified": self.verified}
 
 
+def _read_log(store: Store) -> tuple[list[AuditRecord], list[Checkpoint]]:
+    """The stored events and checkpoints; a store too damaged to read them (a changed column
+    type, unparseable JSON, a broken database file) raises VerificationFailed naming why."""
+    try:
+        return store.audit_events(), store.list_checkpoints()
+    except VerificationFailed:
+        raise
+    except Exception as error:  # whatever a damaged store throws: it is the finding
+        raise VerificationFailed(
+            f"the audit log could not be read from the store: {type(error).__name__}: {error}"
+        ) from error
+
+
 def verify_store_log(store: Store, log_id: str, public_key: ec.EllipticCurvePublicKey) -> LogReport:
     """Rebuilds the tree from the stored leaves and checks it: dense indexes, every leaf
     hash against its bytes, every checkpoint's signature and root, and an RFC 9162
-    consistency proof between each pair of consecutive checkpoints."""
-    records = store.audit_events()
-    checkpoints = store.list_checkpoints()
+    consistency proof between each pair of consecutive checkpoints. A store that cannot be
+    read is a failed verification with the reason, never an exception."""
     log = AuditLog(log_id)
     error = ""
+    records: list[AuditRecord] = []
+    checkpoints: list[Checkpoint] = []
     try:
+        records, checkpoints = _read_log(store)
         for position, record in enumerate(records):
             if record.index != position:
                 raise VerificationFailed(
@@ -314,6 +372,10 @@ def verify_store_log(store: Store, log_id: str, public_key: ec.EllipticCurvePubl
     except (VerificationFailed, InvalidArgument) as failure:
         error = str(failure)
     latest = checkpoints[-1] if checkpoints else None
+    if latest is not None and latest.tree_size > len(records) and not error:
+        error = (
+            f"the latest checkpoint covers {latest.tree_size} events, the log holds {len(records)}"
+        )
     return LogReport(
         log_id=log_id,
         size=len(records),
@@ -346,32 +408,40 @@ class ProvenanceRow:
 
 def provenance_table(store: Store) -> list[ProvenanceRow]:
     """Every accepted expert in log order; experts of sites revoked since are flagged."""
-    revoked = {s.name for s in store.list_sites() if s.revoked_at is not None}
+    try:
+        revoked = {s.name for s in store.list_sites() if s.revoked_at is not None}
+        records = store.audit_events()
+    except Exception:  # a damaged store: verify_store_log reports it
+        return []
     rows = []
-    for record in store.audit_events():
+    for record in records:
         try:
-            event = record.event()
-        except (ValueError, InvalidArgument):
+            rows += _provenance_row(record, revoked)
+        except (ValueError, TypeError, KeyError, AttributeError, InvalidArgument):
             continue  # a damaged entry: verify_store_log reports it
-        if event.kind != "accepted":
-            continue
-        details = event.details
-        provenance = details.get("provenance") or {}
-        rows.append(
-            ProvenanceRow(
-                expert=int(details["expert"]),
-                site=str(details["site"]),
-                base_model_digest=str(provenance.get("base_model_digest", "")),
-                data_digest=str(provenance.get("shard_manifest_digest", "")),
-                recipe_digest=str(provenance.get("recipe_digest", "")),
-                model_root_digest=str(provenance.get("model_root_digest", "")),
-                accepted_at=event.at,
-                log_index=record.index,
-                upload_id=str(details["upload_id"]),
-                site_revoked=details["site"] in revoked,
-            )
-        )
     return rows
+
+
+def _provenance_row(record: AuditRecord, revoked: set[str]) -> list[ProvenanceRow]:
+    event = record.event()
+    if event.kind != "accepted":
+        return []
+    details = event.details
+    provenance = details.get("provenance") or {}
+    return [
+        ProvenanceRow(
+            expert=int(details["expert"]),
+            site=str(details["site"]),
+            base_model_digest=str(provenance.get("base_model_digest", "")),
+            data_digest=str(provenance.get("shard_manifest_digest", "")),
+            recipe_digest=str(provenance.get("recipe_digest", "")),
+            model_root_digest=str(provenance.get("model_root_digest", "")),
+            accepted_at=event.at,
+            log_index=record.index,
+            upload_id=str(details["upload_id"]),
+            site_revoked=details["site"] in revoked,
+        )
+    ]
 
 
 def export_log(store: Store, path: Path) -> int:

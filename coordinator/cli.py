@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from coordinator.federation_recipe import set_recipe
 from coordinator.state import StateDir
 from coordinator.status import status_document
 from protocol.cli_support import parse_duration, run_parser
-from protocol.errors import InvalidArgument
+from protocol.errors import InvalidArgument, VerificationFailed
 from protocol.exit_codes import ExitCode
 
 
@@ -143,18 +144,25 @@ def _short(digest: str) -> str:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     state = _state(args)
-    store = state.open_store()
+    try:
+        store = state.open_store()
+    except sqlite3.DatabaseError as error:
+        raise VerificationFailed(f"{state.root}: the store cannot be opened ({error})") from None
     try:
         auditor = audit.Auditor.open(state, store)
-        if args.export:
-            # A fresh head first, so the export's last checkpoint covers every event.
+        report = audit.verify_store_log(store, auditor.log_id, auditor.public_key)
+        rows = audit.provenance_table(store)
+        if args.export and report.verified:
+            # A fresh head first, so the export's last checkpoint covers every event (never
+            # over a log that failed verification: that would sign the damage).
             checkpoints = store.list_checkpoints()
             if not checkpoints or checkpoints[-1].tree_size < store.audit_size():
                 auditor.checkpoint()
             count = audit.export_log(store, Path(args.export))
             print(f"exported {count} events to {args.export}", file=sys.stderr)
-        report = audit.verify_store_log(store, auditor.log_id, auditor.public_key)
-        rows = audit.provenance_table(store)
+            report = audit.verify_store_log(store, auditor.log_id, auditor.public_key)
+        elif args.export:
+            print(f"not exported to {args.export}: the log failed verification", file=sys.stderr)
     finally:
         store.close()
     code = int(ExitCode.OK if report.verified else ExitCode.VERIFY_FAILED)

@@ -64,7 +64,8 @@ def invite(
             role=role,
             created_at=created,
             expires_at=created + ttl_seconds,
-        )
+        ),
+        audit=audit.invited_event,
     )
     return token
 

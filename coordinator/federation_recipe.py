@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from coordinator import audit
 from coordinator.artifacts import register_artifact
 from coordinator.state import StateDir
 from coordinator.store import Store
@@ -141,5 +142,5 @@ def set_recipe(
         "artifact": "recipe/recipe.yaml",
         "base_model": {"digest": digest, "served": served, "files": len(files), "bytes": size},
     }
-    store.set_meta(RECIPE_META, canonical_json(description).decode())
+    store.set_meta(RECIPE_META, canonical_json(description).decode(), audit=audit.recipe_set_event)
     return description

@@ -151,13 +151,15 @@ class Store(abc.ABC):
         """A federation-level setting (e.g. ``federation``), or None when unset."""
 
     @abc.abstractmethod
-    def set_meta(self, key: str, value: str) -> None:
-        """Sets a federation-level setting, replacing any previous value."""
+    def set_meta(self, key: str, value: str, audit: EventFor[str] | None = None) -> None:
+        """Sets a federation-level setting, replacing any previous value. ``audit`` gets the
+        new value and is called only when the value changes."""
 
     # -- enrolment tokens and sites ------------------------------------------------------
     @abc.abstractmethod
-    def add_token(self, token: TokenRecord) -> None:
-        """Stores a new token. A token id that already exists MUST raise AlreadyExists."""
+    def add_token(self, token: TokenRecord, audit: EventFor[TokenRecord] | None = None) -> None:
+        """Stores a new token. A token id that already exists MUST raise AlreadyExists.
+        ``audit`` gets the stored token."""
 
     @abc.abstractmethod
     def get_token(self, token_id: str) -> TokenRecord | None:
@@ -228,9 +230,10 @@ class Store(abc.ABC):
 
     # -- partition plan and assignments --------------------------------------------------
     @abc.abstractmethod
-    def put_plan(self, plan: PlanRecord) -> None:
-        """Records the partition plan. Storing the same digest again is a no-op; replacing the
-        plan once any expert is assigned MUST raise FailedPrecondition."""
+    def put_plan(self, plan: PlanRecord, audit: EventFor[PlanRecord] | None = None) -> None:
+        """Records the partition plan. Storing the same digest again is a no-op (no event);
+        replacing the plan once any expert is assigned MUST raise FailedPrecondition.
+        ``audit`` gets the new plan."""
 
     @abc.abstractmethod
     def get_plan(self) -> PlanRecord | None:

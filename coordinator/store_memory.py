@@ -64,15 +64,21 @@ class MemoryStore(Store):
     def get_meta(self, key: str) -> str | None:
         return self._meta.get(key)
 
-    def set_meta(self, key: str, value: str) -> None:
+    def set_meta(self, key: str, value: str, audit: EventFor[str] | None = None) -> None:
         with self._lock:
+            event = audit(value) if audit is not None and self._meta.get(key) != value else None
             self._meta[key] = value
+            if event is not None:
+                self._append(event)
 
-    def add_token(self, token: TokenRecord) -> None:
+    def add_token(self, token: TokenRecord, audit: EventFor[TokenRecord] | None = None) -> None:
         with self._lock:
             if token.token_id in self._tokens:
                 raise AlreadyExists(f"token id {token.token_id} already exists")
+            event = audit(token) if audit is not None else None
             self._tokens[token.token_id] = token
+            if event is not None:
+                self._append(event)
 
     def get_token(self, token_id: str) -> TokenRecord | None:
         return self._tokens.get(token_id)
@@ -166,7 +172,7 @@ class MemoryStore(Store):
         with self._lock:
             return dict(self._heartbeats)
 
-    def put_plan(self, plan: PlanRecord) -> None:
+    def put_plan(self, plan: PlanRecord, audit: EventFor[PlanRecord] | None = None) -> None:
         with self._lock:
             if self._plan is not None and self._plan.digest == plan.digest:
                 return
@@ -176,7 +182,10 @@ class MemoryStore(Store):
                     f"{len(self._assignments)} expert(s) are already assigned under plan "
                     f"{current}; the partition plan cannot change now"
                 )
+            event = audit(plan) if audit is not None else None
             self._plan = plan
+            if event is not None:
+                self._append(event)
 
     def get_plan(self) -> PlanRecord | None:
         return self._plan

@@ -206,12 +206,15 @@ class SqliteStore(Store):
         rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(rows[0][0]) if rows else None
 
-    def set_meta(self, key: str, value: str) -> None:
+    def set_meta(self, key: str, value: str, audit: EventFor[str] | None = None) -> None:
         with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
             conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            if audit is not None and (row is None or row[0] != value):
+                _append(conn, audit(value))
 
     # -- tokens and sites ----------------------------------------------------------------
-    def add_token(self, token: TokenRecord) -> None:
+    def add_token(self, token: TokenRecord, audit: EventFor[TokenRecord] | None = None) -> None:
         with self._write() as conn:
             if conn.execute(
                 "SELECT 1 FROM tokens WHERE token_id = ?", (token.token_id,)
@@ -229,6 +232,8 @@ class SqliteStore(Store):
                     token.used_at,
                 ),
             )
+            if audit is not None:
+                _append(conn, audit(token))
 
     def get_token(self, token_id: str) -> TokenRecord | None:
         rows = self._read("SELECT * FROM tokens WHERE token_id = ?", (token_id,))
@@ -349,7 +354,7 @@ class SqliteStore(Store):
         return {r["site"]: HeartbeatRecord(**dict(r)) for r in rows}
 
     # -- plan and assignments ------------------------------------------------------------
-    def put_plan(self, plan: PlanRecord) -> None:
+    def put_plan(self, plan: PlanRecord, audit: EventFor[PlanRecord] | None = None) -> None:
         with self._write() as conn:
             current = conn.execute("SELECT digest FROM plan WHERE id = 1").fetchone()
             if current is not None and current[0] == plan.digest:
@@ -364,6 +369,8 @@ class SqliteStore(Store):
                 "INSERT OR REPLACE INTO plan VALUES (1, ?, ?, ?, ?)",
                 (plan.digest, plan.num_experts, plan.created_at, plan.summary_json),
             )
+            if audit is not None:
+                _append(conn, audit(plan))
 
     def get_plan(self) -> PlanRecord | None:
         rows = self._read("SELECT digest, num_experts, created_at, summary_json FROM plan")

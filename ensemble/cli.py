@@ -146,7 +146,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     receipts = []
     for name in args.receipt or []:
         try:
-            receipts.append(Receipt.from_json(json.loads(Path(name).read_bytes())))
+            document = json.loads(Path(name).read_bytes())
+            # A site workdir's agent state keeps the receipt (as JSON text) under "receipt".
+            if isinstance(document, dict) and isinstance(document.get("receipt"), str):
+                document = json.loads(document["receipt"])
+            receipts.append(Receipt.from_json(document))
         except (OSError, ValueError) as error:
             raise InvalidArgument(f"--receipt {name}: unreadable ({error})") from error
     try:
@@ -250,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, help="the coordinator's public key (signing.pub)")
     p.add_argument(
         "--receipt",
+        "--against",
+        dest="receipt",
         action="append",
-        help="a receipt (CommitUpload's) whose event and checkpoint the log must hold; repeatable",
+        help="a receipt a site kept (CommitUpload's, or a site workdir's agent state): the log "
+        "must hold its event and extend its signed checkpoint; repeatable",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_audit)

@@ -1,7 +1,7 @@
 """The federation's audit log: canonical-JSON events in an RFC 9162 Merkle tree, signed checkpoints.
 
-Every transition the coordinator makes (enrolled, assigned, upload begun, accepted, rejected,
-revoked, assembled, published) is an :class:`AuditEvent`; its RFC 8785 canonical JSON is a leaf
+Every transition the coordinator makes (invited, enrolled, recipe set, plan set, assigned,
+upload begun, accepted, rejected, revoked, renewed, assembled, published) is an :class:`AuditEvent`; its RFC 8785 canonical JSON is a leaf
 of a :class:`protocol.merkle.MerkleTree`. The coordinator signs :class:`Checkpoint` s (log id,
 tree size, root hash, time) with its P-256 key; an acceptance returns a :class:`Receipt` (event
 + index + inclusion proof + checkpoint) that anyone holding the coordinator's public key checks
@@ -72,7 +72,10 @@ __all__ = [
 
 EVENT_KINDS = frozenset(
     {
+        "invited",
         "enrolled",
+        "recipe_set",
+        "plan_set",
         "assigned",
         "upload_begun",
         "accepted",

@@ -161,8 +161,10 @@ def test_signed_expert_is_accepted_with_a_verifiable_receipt(
     (accepted,) = accepted_uploads(fed)
     assert fed.alpha.client.commit_upload(accepted.upload_id).receipt_json == result.receipt_json
     assert kinds(fed) == [
+        "invited",  # the fixture's recipe and plan are written straight into the store
         "enrolled",
         "assigned",
+        "invited",
         "enrolled",
         "assigned",
         "upload_begun",

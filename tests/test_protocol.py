@@ -190,7 +190,7 @@ def test_cli_flags_are_pinned() -> None:
     assert _flags(atoll_parser()) == {
         "version": ["--help", "-h"],
         "verify": ["--help", "--json", "--trust", "-h", "path"],
-        "audit": ["--help", "--json", "--key", "--receipt", "-h", "log"],
+        "audit": ["--against", "--help", "--json", "--key", "--receipt", "-h", "log"],
         "download": [
             "--coordinator",
             "--enrol-address",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coordinator import audit
 from coordinator.artifacts import register_artifact
 from coordinator.state import StateDir
 from coordinator.store import PlanRecord
@@ -117,7 +118,8 @@ def write_plan(state: StateDir, plan: Plan) -> PlanWriteResult:
                 num_experts=plan.document["num_experts"],
                 created_at=time.time(),
                 summary_json=canonical_json(plan.summary).decode(),
-            )
+            ),
+            audit=audit.plan_set_event,
         )
         if changed:
             # A plan with fewer experts must not leave the old plan's extra shards served.

@@ -87,7 +87,7 @@ class Aborted(AtollError):
 
     grpc_code_name = "ABORTED"
     exit_code = ExitCode.UNAVAILABLE
-    retry_after = 5.0
+    retry_after = 1.0
 
 
 class Interrupted(AtollError):

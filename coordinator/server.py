@@ -52,6 +52,7 @@ from coordinator.call_limits import (
 )
 from coordinator.federation import load_authority
 from coordinator.health import HealthServicer, add_health
+from coordinator.images import is_image_name, open_image
 from coordinator.metrics import Metrics
 from coordinator.operations import OperationsOptions, start_operations
 from coordinator.state import StateDir
@@ -231,6 +232,11 @@ class FederationServicer(pb_grpc.FederationServicer):
     ) -> Iterator[pb.DownloadArtifactResponse]:
         def prepare() -> tuple[pb.ArtifactRef, Iterator[tuple[int, bytes]]]:
             role, caller = self.c.identity(context)
+            if role == "site" and is_image_name(request.name):
+                image, data = open_image(
+                    self.c.state, self.c.store, caller, request.name, request.offset
+                )
+                return pb.ArtifactRef(name=image.name, size=image.size, sha256=image.sha256), data
             if role == "reader":
                 record = artifacts.authorize_reader_download(self.c.store, request.name)
             else:

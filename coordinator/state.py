@@ -12,6 +12,8 @@
       artifacts/             files served to sites (partition outputs, base models)
       uploads/<id>/          upload sessions being received
       partition/             the partition plan (centroids, plan.json, expert-<k>.json)
+      images.db              the shard images served to sites, and their image root
+                             (``coordinator.images``; rewritten by each `partition`)
       ensemble/<version>/    assembled ensemble directories (the newest is published)
 """
 
@@ -80,6 +82,10 @@ class StateDir:
     @property
     def partition_dir(self) -> Path:
         return self.root / "partition"
+
+    @property
+    def images_index(self) -> Path:
+        return self.root / "images.db"
 
     def exists(self) -> bool:
         return self.federation_file.exists()

@@ -22,6 +22,7 @@ from protocol.download import download_artifact
 from protocol.errors import AtollError, FailedPrecondition, Interrupted, VerificationFailed
 from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
 from site_agent import expert, renewal
+from site_agent.images import ImagesReady, prepare_images
 from site_agent.launch import LaunchSettings
 from site_agent.supervisor import Supervisor, SupervisorConfig
 from site_agent.transfer import signed_manifest, upload_directory
@@ -203,7 +204,26 @@ class Agent:
         self._set_phase("downloading", f"{len(refs)} artifact(s)")
         for ref in refs:
             download_artifact(self.client, ref, self.workdir.artifacts_dir, self.progress)
-        self._set_phase("ready", f"expert {assignment['expert_index']}: artifacts verified")
+        if self.prepare_images(assignment).complete:
+            self._set_phase("ready", f"expert {assignment['expert_index']}: artifacts verified")
+
+    def prepare_images(self, assignment: dict[str, Any]) -> ImagesReady:
+        """The shard's images: the site's own copy, completed from the coordinator."""
+        shard = f"partition/expert-{assignment['expert_index']}.json"
+
+        def tick(message: str) -> None:
+            self.message = message
+            self._on_training_tick()
+
+        return prepare_images(
+            self.workdir.artifacts_dir / shard,
+            self.workdir.images_dir,
+            self.image_root,
+            self.client,
+            progress=self.progress,
+            stop=self.stop,
+            tick=tick,
+        )
 
     def _on_training_event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -229,12 +249,15 @@ class Agent:
         inputs = expert.resolve_inputs(self.workdir, assignment, self.base_model)
         state = self.workdir.agent_state()
         if self.phase in ("ready", "training"):
+            images = self.prepare_images(assignment)
+            if not images.complete:
+                return  # stopped while fetching images
             started = state.get("training_started") or time.time()
             self._set_phase("training", "starting the trainer", training_started=started)
             done = expert.train(
                 self.workdir,
                 inputs,
-                self.image_root,
+                images.root,
                 self.supervisor_config,
                 on_event=self._on_training_event,
                 on_tick=self._on_training_tick,

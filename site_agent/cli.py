@@ -182,7 +182,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _training_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-root", help="where this site's copy of the shard's images is")
+    parser.add_argument(
+        "--image-root",
+        help="this site's copy of the data set's images, if any (images of the shard it "
+        "lacks are fetched from the coordinator into WORKDIR/images)",
+    )
     parser.add_argument(
         "--base-model", help="local base checkpoint, when the coordinator does not serve it"
     )

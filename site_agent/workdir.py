@@ -8,6 +8,8 @@
       tls/site.pem       its certificate;  tls/ca.pem  the pinned federation CA
       assignment.json    the assignment as the coordinator issued it (canonical JSON + digest)
       artifacts/         downloaded, verified artifacts (``*.part`` while in flight)
+      images/            the shard's images, when the site's own copy lacks some: fetched
+                         from the coordinator, or links into the copy (``--image-root``)
       agent.json         the agent's last phase and heartbeat (for `site-agent status`)
 """
 
@@ -74,6 +76,10 @@ class Workdir:
     @property
     def artifacts_dir(self) -> Path:
         return self.root / "artifacts"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
 
     @property
     def agent_file(self) -> Path:

@@ -1,4 +1,5 @@
-"""A loopback TCP proxy that can cut the connection after N bytes (for interruption tests)."""
+"""A loopback TCP proxy that counts the bytes it forwards and can cut the connection after N of
+them (for interruption tests)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import threading
 
 
 class CuttingProxy:
-    """Forwards 127.0.0.1:<port> to ``target``; once ``cut_after`` client bytes have passed,
-    every open connection is closed (once), as when a network link drops."""
+    """Forwards 127.0.0.1:<port> to ``target``; once ``cut_after`` client bytes (or
+    ``cut_after_returned`` server bytes) have passed, every open connection is closed (once),
+    as when a network link drops. ``forwarded`` and ``returned`` count the bytes each way."""
 
-    def __init__(self, target_port: int, cut_after: int | None = None) -> None:
+    def __init__(
+        self, target_port: int, cut_after: int | None = None, cut_after_returned: int | None = None
+    ) -> None:
         self.target_port = target_port
         self.cut_after = cut_after
+        self.cut_after_returned = cut_after_returned
         self.forwarded = 0
+        self.returned = 0
         self.cuts = 0
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -35,17 +41,21 @@ class CuttingProxy:
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         try:
             while data := source.recv(1 << 16):
                 sink.sendall(data)
-                if counted:
-                    with self._lock:
+                with self._lock:
+                    if from_client:
                         self.forwarded += len(data)
                         cut = self.cut_after is not None and self.forwarded >= self.cut_after
-                    if cut:
-                        self.cut()
-                        return
+                    else:
+                        self.returned += len(data)
+                        limit = self.cut_after_returned
+                        cut = limit is not None and self.returned >= limit
+                if cut:
+                    self.cut()
+                    return
         except OSError:
             pass
         finally:
@@ -55,7 +65,7 @@ class CuttingProxy:
 
     def cut(self) -> None:
         with self._lock:
-            self.cut_after = None  # only once
+            self.cut_after = self.cut_after_returned = None  # only once
             self.cuts += 1
             sockets, self._sockets = self._sockets, []
         for s in sockets:

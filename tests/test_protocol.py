@@ -116,6 +116,7 @@ def test_cli_flags_are_pinned() -> None:
             "--max-iter",
             "--max-points-per-centroid",
             "--no-center",
+            "--no-serve-images",
             "--seed",
             "--skip-missing",
             "--state",

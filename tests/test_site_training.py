@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from coordinator.federation_recipe import set_recipe
+from coordinator.images import record_images
 from protocol.errors import VerificationFailed
 from protocol.exit_codes import ExitCode
 from protocol.provenance import verify_expert
@@ -31,6 +32,7 @@ def federation_with_shard(running: Any, tmp_path: Path) -> Path:
     shard = write_shard(tmp_path / "data", image_samples=8, text_samples=4, num_experts=1)
     running.add_plan(1, {"expert-0.json": shard.manifest.read_bytes()})
     set_recipe(running.state, running.coordinator.store, CONFIGS / "tiny-cpu.yaml")
+    record_images(running.state, running.coordinator.store, shard.image_root)
     return shard.image_root
 
 
@@ -61,6 +63,22 @@ def test_join_trains_signs_and_uploads(running: Any, tmp_path: Path) -> None:
     assert verified.provenance.builder_id == "spiffe://testfed/site/alpha"
     assert verified.provenance.run.expert_index == 0
     assert (uploaded / "config.json").exists()
+
+
+def test_join_without_an_image_root_fetches_the_shard_and_is_accepted(
+    running: Any, tmp_path: Path
+) -> None:
+    image_root = federation_with_shard(running, tmp_path)
+    workdir = running.enrol(tmp_path, "alpha")
+    config = SupervisorConfig(tick_seconds=0.5, backoff_seconds=0.1)
+    with running.client(workdir) as client:
+        assert Agent(workdir, client, supervisor_config=config).run() == 0
+    assert workdir.agent_state()["phase"] == "done"
+    fetched = sorted(p.name for p in workdir.images_dir.iterdir())
+    assert fetched == sorted(p.name for p in image_root.iterdir()) and len(fetched) == 8
+    [upload_id] = _upload_ids(running)
+    record = running.coordinator.store.get_upload(upload_id)
+    assert record is not None and record.state == "accepted"
 
 
 def _upload_ids(running: Any) -> list[str]:

@@ -24,6 +24,7 @@ from coordinator.state import StateDir
 if TYPE_CHECKING:
     # Imported where used: the plan pulls in torch and open_clip, which every other
     # `coordinator` command (serve above all) must not pay for in start-up time and memory.
+    from coordinator.images import ImageIndexSummary
     from coordinator.partition.plan import PartitionConfig
 
 __all__ = ["add_arguments", "run"]
@@ -105,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="samples",
         help="two-stage: equal images per expert, or equal fine clusters (authors' variant)",
     )
+    parser.add_argument(
+        "--no-serve-images",
+        action="store_true",
+        help="every site brings its own copy of its shard's images (default: the coordinator "
+        "serves each site the images it lacks, from --image-root)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
     parser.add_argument("--workers", type=int, default=2, help="image decoding processes")
     parser.add_argument("--device", help="torch device for the encoder (default: cuda if any)")
@@ -147,10 +154,12 @@ def run(args: argparse.Namespace) -> int:
     with _progress(enabled=not args.json) as reporter:
         plan = make_plan(config, state, reporter)
     result = write_plan(state, plan)
+    images = _record_images(state, args, progress=not args.json)
     report: dict[str, Any] = {
         "digest": result.digest,
         "changed": result.changed,
         "directory": str(result.directory),
+        "images_served": images.served,
         **plan.summary,
     }
     if args.json:
@@ -159,6 +168,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(report)
     return 0
+
+
+def _record_images(state: StateDir, args: argparse.Namespace, progress: bool) -> ImageIndexSummary:
+    """Records the image root the coordinator serves sites' missing images from."""
+    from coordinator.images import record_images
+
+    store = state.open_store()
+    try:
+        with _progress(enabled=progress) as reporter:
+            return record_images(
+                state,
+                store,
+                args.image_root,
+                serve=not args.no_serve_images,
+                progress=reporter("indexing images to serve", None),
+            )
+    finally:
+        store.close()
 
 
 Reporter = Callable[[str, int | None], Callable[[int], None]]
@@ -221,3 +248,7 @@ def _print_table(report: dict[str, Any]) -> None:
         )
     verb = "wrote" if report["changed"] else "unchanged:"
     console.print(f"{verb} {report['directory']} (plan {report['digest']})")
+    if report["images_served"]:
+        console.print("sites lacking images of their shard fetch them from this coordinator")
+    else:
+        console.print("images not served (--no-serve-images): every site needs its own copy")

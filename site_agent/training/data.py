@@ -16,8 +16,9 @@ A shard manifest (``expert-<k>.json``) is a JSON object::
       ]
     }
 
-A bare JSON list of samples is accepted too (then K is unknown). Every image is checked against
-its ``image_sha256`` before training starts. Each conversation is rendered with the model's own
+A bare JSON list of samples is accepted too (then K is unknown); the format is read by
+:mod:`protocol.shard_manifest`, which the site agent and the coordinator share. Every image is
+checked against its ``image_sha256`` before training starts. Each conversation is rendered with the model's own
 chat template; labels are -100 everywhere except the assistant turns (the loss is on answers
 only, as in LLaVA); ``<image>`` becomes an image part where the text had it, and the processor's
 expansion (e.g. 576 ``<image>`` tokens, or ``<img>`` + 256 ``<IMG_CONTEXT>`` + ``</img>``) takes
@@ -27,8 +28,6 @@ counted. A ``{"text": ...}`` sample is plain language modelling: every token is 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -39,9 +38,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from protocol.digests import check_sha256_hex, file_sha256
+from protocol.digests import file_sha256
 from protocol.errors import AtollError, InvalidArgument, NotFound, VerificationFailed
 from protocol.recipe import Architecture, DataSettings
+from protocol.shard_manifest import (
+    ShardManifest,
+    image_path,
+    load_shard_manifest,
+    sample_images,
+    sample_name,
+    shard_images,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -70,106 +77,6 @@ _ROLES = {
 }
 
 
-@dataclass(frozen=True)
-class ShardManifest:
-    """An expert's shard, as read from ``expert-<k>.json``.
-
-    Attributes:
-        path: Where it was read from (named in every error).
-        sha256: Digest of the file's bytes.
-        samples: The records, in the data set's own format.
-        expert: k, when the manifest says.
-        num_experts: K, when the manifest says.
-        dataset_samples: Samples in the whole data set, when the manifest says.
-    """
-
-    path: Path
-    sha256: str
-    samples: list[dict[str, Any]]
-    expert: int | None = None
-    num_experts: int | None = None
-    dataset_samples: int | None = None
-
-
-def _optional_int(document: dict[str, Any], key: str, where: str) -> int | None:
-    value = document.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidArgument(f"{where}: {key}: expected a non-negative integer, got {value!r}")
-    return value
-
-
-def load_shard_manifest(path: Path) -> ShardManifest:
-    """Reads a shard manifest and checks its shape (not yet its images).
-
-    Raises:
-        NotFound: no such file.
-        InvalidArgument: not JSON, or not an object with a ``samples`` list of objects.
-    """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"shard manifest {path}: no such file") from None
-    where = f"shard manifest {path.name}"
-    try:
-        document = json.loads(raw)
-    except ValueError as error:
-        raise InvalidArgument(f"{where}: not valid JSON ({error})") from None
-    if isinstance(document, list):
-        document = {"samples": document}
-    if not isinstance(document, dict) or not isinstance(document.get("samples"), list):
-        raise InvalidArgument(f"{where}: expected an object with a 'samples' list")
-    samples = document["samples"]
-    for index, sample in enumerate(samples):
-        if not isinstance(sample, dict):
-            raise InvalidArgument(f"{where}: samples[{index}]: expected an object")
-    return ShardManifest(
-        path=path,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        samples=samples,
-        expert=_optional_int(document, "expert", where),
-        num_experts=_optional_int(document, "num_experts", where),
-        dataset_samples=_optional_int(document, "dataset_samples", where),
-    )
-
-
-def _sample_name(sample: dict[str, Any], index: int) -> str:
-    return f"samples[{index}] (id {sample['id']!r})" if "id" in sample else f"samples[{index}]"
-
-
-def sample_images(sample: dict[str, Any], where: str) -> list[tuple[str, str]]:
-    """The (relative path, sha256) of each image of a sample, in order.
-
-    Raises:
-        InvalidArgument: ``image`` and ``image_sha256`` are malformed or not parallel.
-    """
-    images = sample.get("image")
-    if images is None:
-        return []
-    digests = sample.get("image_sha256")
-    if isinstance(images, str):
-        images, digests = [images], [digests] if isinstance(digests, str) else digests
-    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
-        raise InvalidArgument(f"{where}: image: expected a path or a list of paths")
-    if not isinstance(digests, list) or len(digests) != len(images):
-        raise InvalidArgument(
-            f"{where}: image_sha256: expected one sha256 per image ({len(images)}), got {digests!r}"
-        )
-    for digest in digests:
-        check_sha256_hex(
-            digest if isinstance(digest, str) else repr(digest), f"{where}: image_sha256"
-        )
-    return list(zip(images, digests, strict=True))
-
-
-def _resolve_image(image_root: Path, relative: str, where: str) -> Path:
-    path = (image_root / relative).resolve()
-    if not path.is_relative_to(image_root.resolve()):
-        raise InvalidArgument(f"{where}: image {relative!r} points outside the image root")
-    return path
-
-
 def verify_images(manifest: ShardManifest, image_root: Path, workers: int = 8) -> int:
     """Checks that every image of the shard exists under ``image_root`` with its sha256.
 
@@ -186,21 +93,11 @@ def verify_images(manifest: ShardManifest, image_root: Path, workers: int = 8) -
     """
     if not image_root.is_dir():
         raise NotFound(f"image root {image_root}: no such directory")
-    where_file = f"shard manifest {manifest.path.name}"
-    expected: dict[str, tuple[str, str]] = {}  # relative path -> (sha256, first sample naming it)
-    for index, sample in enumerate(manifest.samples):
-        where = f"{where_file}: {_sample_name(sample, index)}"
-        for relative, digest in sample_images(sample, where):
-            seen = expected.setdefault(relative, (digest, where))
-            if seen[0] != digest:
-                raise InvalidArgument(
-                    f"{where}: image {relative!r} has sha256 {digest[:16]}.., but {seen[1]} "
-                    f"gives {seen[0][:16]}.."
-                )
+    expected = shard_images(manifest)
 
     def check(item: tuple[str, tuple[str, str]]) -> AtollError | None:
         relative, (digest, where) = item
-        path = _resolve_image(image_root, relative, where)
+        path = image_path(image_root, relative, where)
         if not path.is_file():
             return NotFound(f"{where}: image {relative!r} not found under {image_root}")
         actual = file_sha256(path)
@@ -554,7 +451,7 @@ def build_dataset(
     stats = DataStats()
     kept: list[EncodedSample] = []
     for index, sample in enumerate(manifest.samples):
-        name = _sample_name(sample, index)
+        name = sample_name(sample, index)
         encoded = encoder.encode(sample, f"shard manifest {manifest.path.name}: {name}")
         stats.samples += 1
         if encoded.truncated:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,33 @@ def test_exact_balance_with_features_file_and_algorithms(
     report = json.loads(capsys.readouterr().out)
     assert report["algorithm"]["assign"] == "nearest"
     assert sum(c["unique_images"] for c in report["clusters"]) == 103
+
+
+def test_partition_records_the_image_root_sites_fetch_from(
+    state: StateDir, llava: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset, root = llava
+    features = str(features_for(dataset, tmp_path / "f.npz"))
+    assert partition(state, dataset, root, "--experts", "3", "--features", features) == 0
+    assert json.loads(capsys.readouterr().out)["images_served"] is True
+    with closing(sqlite3.connect(state.root / "images.db")) as conn:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        rows = conn.execute("SELECT sha256, path, size, expert FROM images").fetchall()
+    assert meta["image_root"] == str(root.resolve()) and meta["served"] == "1"
+    # 30 distinct pictures; the copy under a second path is in its twin's shard, indexed once.
+    assert len(rows) == 30 and len({sha for sha, *_ in rows}) == 30
+    for sha, path, size, expert in rows:
+        assert file_sha256(root / path) == sha and (root / path).stat().st_size == size
+        shard = read(state.partition_dir / f"expert-{expert}.json")
+        assert any(s.get("image_sha256") == sha for s in shard["samples"])
+
+    args = ("--experts", "3", "--features", features, "--no-serve-images")
+    assert partition(state, dataset, root, *args) == 0
+    assert json.loads(capsys.readouterr().out)["images_served"] is False
+    with closing(sqlite3.connect(state.root / "images.db")) as conn:
+        assert dict(conn.execute("SELECT key, value FROM meta").fetchall())["served"] == "0"
+        assert conn.execute("SELECT count(*) FROM images").fetchone() == (0,)
+    assert not [p for p in state.root.iterdir() if p.name.startswith(".images-")]
 
 
 def test_subsampled_fit_still_assigns_every_image_exactly(

@@ -22,7 +22,8 @@ What keeps a routed batch at the cost of a dense one:
   stacked (:class:`ensemble.stacked_experts.StackedExperts`: expert 0's module tree whose
   differing submodules send each stretch of rows to that expert's own weights); LoRA
   experts over one base are one peft model with the adapter chosen per row
-  (``adapter_names``). Experts that differ in more than their weights run one call each.
+  (``adapter_names``, where peft supports it: not beside a projector trained in full).
+  Experts that differ in more than their weights run one call each.
 * **calls of one expert** (``batch_size``): given many prompts, each expert's samples fill
   calls of their own and only the remainders share one (:mod:`ensemble.scheduling`). A
   call over several full experts reads all their weights at every step, and small-batch
@@ -169,6 +170,9 @@ class _Experts:
     ) -> None:
         self._models = models
         self._adapters = adapters
+        # peft's per-row adapters (adapter_names) support only some layer types; a projector
+        # trained in full beside the adapter (modules_to_save, LLaVA's recipe) is not one.
+        self._per_row_adapters = adapters is not None and _per_row_adapters(adapters)
         self.stacked = stacked
 
     @classmethod
@@ -253,8 +257,9 @@ class _Experts:
                 # per-adapter row gathers and scatters that adapter_names costs every layer.
                 (expert,) = everyone
                 return [_Unit(self._adapters, 0, len(row_experts), {}, adapter=_adapter(expert))]
-            names = [_adapter(e) for e in row_experts]
-            return [_Unit(self._adapters, 0, len(row_experts), {"adapter_names": names})]
+            if self._per_row_adapters:
+                names = [_adapter(e) for e in row_experts]
+                return [_Unit(self._adapters, 0, len(row_experts), {"adapter_names": names})]
         if self.stacked is not None and everyone <= self.stacked.experts and len(row_runs) > 1:
             return [
                 _Unit(self.stacked.model, 0, len(row_experts), {}, self.stacked, row_runs, images)
@@ -262,10 +267,8 @@ class _Experts:
         units = []
         for expert, start, end in row_runs:
             model = self._models[expert]
-            kwargs: dict[str, Any] = {}
-            if model is self._adapters:
-                kwargs["adapter_names"] = [_adapter(expert)] * (end - start)
-            units.append(_Unit(model, start, end, kwargs))
+            adapter = _adapter(expert) if model is self._adapters else None
+            units.append(_Unit(model, start, end, {}, adapter=adapter))
         return units
 
     def vocab_size(self, index: int) -> int:
@@ -299,6 +302,17 @@ class _Unit:
 
 def _adapter(index: int) -> str:
     return f"expert-{index}"
+
+
+def _per_row_adapters(model: nn.Module) -> bool:
+    from peft.utils.other import ModulesToSaveWrapper
+
+    supported = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return all(
+        isinstance(module.original_module, supported)
+        for module in model.modules()
+        if isinstance(module, ModulesToSaveWrapper)
+    )
 
 
 def _load_model(loader: Any, path: Path, dtype: Any, device: torch.device) -> nn.Module:

@@ -121,9 +121,10 @@ def save_clip_router(directory: Path, expert: Path, projection_seed: int = 5) ->
     }
 
 
-def save_lora_expert(base: Path, directory: Path, seed: int) -> None:
+def save_lora_expert(base: Path, directory: Path, seed: int, projector: bool = False) -> None:
     """A peft LoRA adapter over the saved ``base`` with random (non-zero) weights: what a LoRA
-    site uploads (adapter + processor, no base weights)."""
+    site uploads (adapter + processor, no base weights). ``projector``: the multimodal
+    projector trained in full beside it (``modules_to_save``, as LLaVA's recipe trains)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -136,10 +137,15 @@ def save_lora_expert(base: Path, directory: Path, seed: int) -> None:
         lora_alpha=8,
         target_modules=language_model_lora_targets(Architecture.LLAVA),
         init_lora_weights=False,  # random A and B: each adapter changes the base's answers
+        modules_to_save=["multi_modal_projector"] if projector else None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         adapted = get_peft_model(model, config)
+        if projector:
+            for name, parameter in adapted.named_parameters():
+                if "modules_to_save" in name:
+                    parameter.data += 0.05 * torch.randn_like(parameter)
     adapted.save_pretrained(directory)
     AutoProcessor.from_pretrained(base).save_pretrained(directory)
 
@@ -153,6 +159,7 @@ def build_ensemble(
     text_only: str = "posterior",
     scratch: Path | None = None,
     lora: bool = False,
+    lora_projector: bool = False,
     size: dict[str, int] | None = None,
     shared_encoder: bool = False,
 ) -> Path:
@@ -171,7 +178,7 @@ def build_ensemble(
         save_expert(root / "base", 7, size, vision_tower=tower)
     for index, seed in enumerate(seeds):
         if lora:
-            save_lora_expert(root / "base", root / expert_path(index), seed)
+            save_lora_expert(root / "base", root / expert_path(index), seed, lora_projector)
         else:
             save_expert(root / expert_path(index), seed, size, vision_tower=tower)
     encoder_dir = root / "router" / "encoder"

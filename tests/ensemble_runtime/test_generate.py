@@ -197,12 +197,17 @@ def test_bad_inputs(ensemble: RoutedEnsemble, tmp_path: Path) -> None:
         ensemble.generate([None, None], ["x"])
 
 
-def test_lora_experts_share_one_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize("projector", [False, True], ids=["adapters", "projector-in-full"])
+def test_lora_experts_share_one_base(tmp_path: Path, projector: bool) -> None:
+    """Also with the projector trained in full beside each adapter (LLaVA's recipe), which
+    peft cannot choose per row: each expert's rows then run as calls of their own."""
     from peft import PeftModel
 
     from .builders import build_ensemble
 
-    root = build_ensemble(tmp_path / "lora", lora=True, scratch=tmp_path / "pictures")
+    root = build_ensemble(
+        tmp_path / "lora", lora=True, lora_projector=projector, scratch=tmp_path / "pictures"
+    )
     ensemble = RoutedEnsemble.from_pretrained(root, device="cpu")
     # One base model in memory; the adapter is switched per group.
     assert ensemble.experts.model(0) is ensemble.experts.model(1)

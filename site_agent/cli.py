@@ -32,6 +32,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     launch = _launch(args)  # bad launch flags fail before enrolling or downloading anything
     stop = threading.Event()
     _on_signal(stop.set)  # from here on: enrolment's waits end at once too
+    log.info("[site] joining from %s (SIGTERM/SIGINT stop at once)", workdir.root)
     if workdir.is_enrolled():
         if args.token:
             log.info("[site] %s is already enrolled; ignoring --token", workdir.root)

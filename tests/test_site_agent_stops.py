@@ -67,7 +67,10 @@ def test_enrolled_join_exits_soon_after_sigterm_against_a_silent_coordinator(
 ) -> None:
     workdir = running.enrol(tmp_path, "alpha")
     process = _join("--workdir", str(workdir.root), "--coordinator", silent)
-    time.sleep(4)  # in a call that will never be answered, or waiting to retry one
+    assert process.stderr is not None
+    while "joining from" not in process.stderr.readline():  # its signal handlers are set
+        assert process.poll() is None
+    time.sleep(2)  # in a call that will never be answered, or waiting to retry one
     assert process.poll() is None
     process.send_signal(signal.SIGTERM)
     sent = time.monotonic()

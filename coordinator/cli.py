@@ -42,8 +42,23 @@ def cmd_invite(args: argparse.Namespace) -> int:
         token = enrolment.invite(
             store, load_authority(state), args.site, parse_duration(args.ttl), role=args.role
         )
+        record = store.get_token(token.token_id)
     finally:
         store.close()
+    if args.json:
+        # For programs that hand the token on (integrations/flower): the CA pin and expiry
+        # as fields, so that nobody parses the token's text.
+        payload = {
+            "federation": state.federation(),
+            "site": token.site,
+            "role": args.role,
+            "token": str(token),
+            "token_id": token.token_id,
+            "ca_sha256": token.ca_sha256,
+            "expires_at": None if record is None else record.expires_at,
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
     print(str(token))  # alone on stdout, so `TOKEN=$(coordinator invite ...)` works
     return 0
 
@@ -431,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site", help="the site's name (a DNS label)")
     p.add_argument("--ttl", default="24h", help="how long the token stays valid (default 24h)")
     p.add_argument("--role", default="site", choices=enrolment.ROLES)
+    p.add_argument("--json", action="store_true", help="the token, its CA pin and expiry as JSON")
     p.set_defaults(fn=cmd_invite)
 
     p = commands.add_parser("recipe", help="fix the training recipe and base checkpoint")

@@ -168,7 +168,12 @@ class Agent:
         )
         self.heartbeat_seconds = float(reply.next_heartbeat_seconds or self.heartbeat_seconds)
         self._next_beat = time.monotonic() + self.heartbeat_seconds
-        self._save(last_heartbeat=time.time())
+        # Progress saved with each beat, so `site-agent status` shows it from another process.
+        self._save(
+            last_heartbeat=time.time(),
+            step=int(t.get("step", 0)),
+            total_steps=int(t.get("total_steps", 0)),
+        )
         if reply.directive is Directive.STOP:
             log.warning("[site] coordinator directs: stop (%s)", reply.message)
             self.halt()

@@ -170,7 +170,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         "assignment_digest": None if assignment is None else assignment["assignment_digest"],
         "phase": agent.get("phase", "enrolled"),
         "message": agent.get("message", ""),
+        "step": agent.get("step", 0),
+        "total_steps": agent.get("total_steps", 0),
         "last_heartbeat": agent.get("last_heartbeat"),
+        "accepted": _accepted(agent.get("receipt")),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -180,6 +183,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             value = f"{time.time() - value:.0f}s ago"
         print(f"{key:>20}: {value}")
     return 0
+
+
+def _accepted(receipt_json: str | None) -> dict[str, object] | None:
+    """What the coordinator's receipt says was accepted (None before acceptance)."""
+    if not receipt_json:
+        return None
+    receipt = json.loads(receipt_json)
+    details = receipt["event"]["details"]
+    provenance = details.get("provenance") or {}
+    return {
+        "expert": details.get("expert"),
+        "upload_id": details.get("upload_id"),
+        "log_index": receipt["index"],
+        "model_root_digest": provenance.get("model_root_digest"),
+    }
 
 
 def _training_flags(parser: argparse.ArgumentParser) -> None:

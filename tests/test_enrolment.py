@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,18 @@ def test_workdir_reuse_skips_enrolment(running: Any, tmp_path: Path) -> None:
     with connect(workdir, running.address, retry=FAST) as client:
         client.heartbeat(Heartbeat(phase="waiting"))
     assert running.coordinator.store.get_site("alpha").cert_serial == serial
+
+
+def test_invite_json_names_the_pin_and_expiry(
+    federation: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coordinator.cli import main as coordinator_main
+
+    before = time.time()
+    argv = ["invite", "--state", str(federation.root), "lab-x", "--ttl", "2h", "--json"]
+    assert coordinator_main(argv) == 0
+    invited = json.loads(capsys.readouterr().out)
+    token = EnrolmentToken.parse(invited["token"])
+    assert (invited["site"], invited["role"], invited["federation"]) == ("lab-x", "site", "testfed")
+    assert invited["ca_sha256"] == token.ca_sha256 and invited["token_id"] == token.token_id
+    assert before + 7200 <= invited["expires_at"] <= time.time() + 7200

@@ -97,7 +97,7 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
 def test_cli_flags_are_pinned() -> None:
     assert _flags(coordinator_parser()) == {
         "init": ["--cert-days", "--federation", "--help", "--state", "-h"],
-        "invite": ["--help", "--role", "--state", "--ttl", "-h", "site"],
+        "invite": ["--help", "--json", "--role", "--state", "--ttl", "-h", "site"],
         "partition": [
             "--algorithm",
             "--assign",

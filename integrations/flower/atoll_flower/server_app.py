@@ -1,0 +1,332 @@
+"""The ServerApp: one Atoll invite per connected SuperNode, then progress until every expert
+is accepted.
+
+It runs where the coordinator's state directory is (it runs ``coordinator invite``). Steps:
+
+1. wait until one SuperNode per expert is connected (``coordinator status --json`` names K);
+2. ``query.identify`` each node: its site name (node config ``atoll-site``) and whether its
+   workdir is already enrolled;
+3. mint a one-use token for each new site (``coordinator invite --json``) and send it in a
+   ``query.join`` ConfigRecord; an enrolled node gets no token and resumes;
+4. every ``poll-seconds``: ``query.status`` to every node, cross-checked against the
+   coordinator (``status --json`` for progress, ``audit --json`` for accepted experts); a node
+   that stops answering is reported silent (its ``site-agent`` runs on without it);
+5. done when the coordinator has accepted every expert; the report lists each expert, its
+   site, and each node (``report-file`` also gets it as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, UserConfig
+from flwr.serverapp import Grid, ServerApp
+
+from atoll_flower import atoll_cli, wire
+
+# A child of flwr's logger: its lines reach `flwr run --stream` and `flwr log`.
+log = logging.getLogger("flwr").getChild("atoll")
+app = ServerApp()
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run config (``[tool.flwr.app.config]``), validated once."""
+
+    coordinator_state: str
+    coordinator_address: str
+    enrol_address: str
+    coordinator: str
+    invite_ttl: str
+    require_node_auth: bool
+    poll_seconds: float
+    reply_timeout_seconds: float
+    silent_after_seconds: float
+    wait_for_nodes_seconds: float
+    timeout_seconds: float
+    report_file: str
+
+    @classmethod
+    def from_run_config(cls, config: UserConfig) -> RunSettings:
+        values: dict[str, Any] = {}
+        for name, kind in cls.__annotations__.items():
+            key = name.replace("_", "-")
+            value = config.get(key)
+            expected = {"str": str, "bool": bool, "float": (int, float)}[kind]
+            if (
+                value is None
+                or not isinstance(value, expected)
+                or (kind == "float" and isinstance(value, bool))
+            ):
+                raise ValueError(f"run config {key}={value!r}: expected a {kind}")
+            values[name] = float(value) if kind == "float" else value
+        settings = cls(**values)
+        for key in ("coordinator_state", "coordinator_address"):
+            if not getattr(settings, key):
+                raise ValueError(
+                    f"run config {key.replace('_', '-')} is empty: pass it with "
+                    f"--run-config '{key.replace('_', '-')}=\"...\"'"
+                )
+        return settings
+
+
+ACTIVE = ("invited", "joined", "silent")  # nodes that hold a token or an enrolled workdir
+
+
+@dataclass
+class Node:
+    """What the ServerApp knows about one SuperNode."""
+
+    node_id: int
+    site: str = ""
+    # connected -> invited (a join sent) -> joined (it answered) -> silent; or refused
+    state: str = "connected"
+    reason: str = ""
+    last_reply: float = 0.0
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Bridge:
+    grid: Grid
+    settings: RunSettings
+    nodes: dict[int, Node] = field(default_factory=dict)
+    sent: int = 0
+    received: int = 0
+    array_records: int = 0
+
+    # -- messages ------------------------------------------------------------------------
+
+    def ask(
+        self, message_type: str, payloads: dict[int, dict[str, Any]]
+    ) -> dict[int, dict[str, object]]:
+        """Sends one query per node and returns the replies that came in time, by node."""
+        timeout = self.settings.reply_timeout_seconds
+        messages = [
+            Message(wire.content(body), node_id, message_type, ttl=timeout + 10)
+            for node_id, body in payloads.items()
+        ]
+        self.sent += len(messages)
+        self.array_records += sum(wire.array_records(m) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.received += len(replies)
+        # Replies are matched by the message they answer: an error reply for an unreachable
+        # node comes from the SuperLink, not from the node.
+        node_of = {
+            m.metadata.message_id: node_id for m, node_id in zip(messages, payloads, strict=True)
+        }
+        answers: dict[int, dict[str, object]] = {}
+        for reply in replies:
+            self.array_records += wire.array_records(reply)
+            node = node_of.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            if reply.has_error():
+                # Flower's own verdict (e.g. the node missed its heartbeats): silent now.
+                self.nodes[node].reason = reply.error.reason
+                if self.nodes[node].state in ("invited", "joined"):
+                    self._silent(self.nodes[node])
+                continue
+            answers[node] = wire.values(reply)
+            self.nodes[node].last_reply = time.time()
+        return answers
+
+    # -- enrolment -----------------------------------------------------------------------
+
+    def admit(self, experts: int) -> None:
+        """Identifies new SuperNodes and invites them until every expert has a site."""
+        new: list[int] = []
+        for info in self.grid.get_nodes():
+            node = self.nodes.setdefault(info.node_id, Node(info.node_id))
+            if node.state != "connected":
+                continue  # answered before (a node that never answered is asked again)
+            if self.settings.require_node_auth and not info.public_key:
+                node.state, node.reason = "refused", "not authenticated with Flower node auth"
+                log.warning("[atoll] node %d gets no token: %s", info.node_id, node.reason)
+                continue
+            new.append(info.node_id)
+        if not new:
+            return
+        enrolled = {row["site"] for row in self._status()["sites"]}
+        joins: dict[int, dict[str, Any]] = {}
+        for node_id, answer in self.ask(wire.IDENTIFY, {n: {} for n in new}).items():
+            node = self.nodes[node_id]
+            node.site = str(answer.get("site", ""))
+            taken = {n.site for n in self.nodes.values() if n.state in ACTIVE}
+            taken |= {self.nodes[n].site for n in joins}
+            if answer.get("error") or not node.site:
+                node.state, node.reason = "refused", str(answer.get("error", "no site name"))
+            elif node.site in taken:
+                node.state, node.reason = "refused", f"site {node.site!r} is another node's"
+            elif answer.get("enrolled"):
+                joins[node_id] = self._invitation("")  # resumes; no token needed
+            elif node.site in enrolled:
+                node.state = "refused"
+                node.reason = f"site {node.site!r} is enrolled already, from another workdir"
+            elif len(taken) >= experts:
+                node.state, node.reason = "refused", f"all {experts} experts have a site"
+            else:
+                invited = atoll_cli.invite(
+                    self.settings.coordinator, self.settings.coordinator_state, node.site,
+                    self.settings.invite_ttl,
+                )  # fmt: skip
+                joins[node_id] = self._invitation(invited["token"], invited)
+            if node.state == "refused":
+                log.warning("[atoll] node %d refused: %s", node_id, node.reason)
+        for node_id in joins:
+            # The token may have arrived even if the reply does not: poll it from now on.
+            self.nodes[node_id].state = "invited"
+        for node_id, answer in self.ask(wire.JOIN, joins).items():
+            node = self.nodes[node_id]
+            if answer.get("error"):
+                node.state, node.reason = "refused", str(answer["error"])
+                log.warning(
+                    "[atoll] node %d (%s) did not join: %s", node_id, node.site, node.reason
+                )
+            else:
+                node.state = "joined"
+                log.info("[atoll] node %d joins as site %s (site-agent pid %s)",
+                         node_id, node.site, answer.get("pid"))  # fmt: skip
+
+    def _invitation(self, token: str, invited: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "coordinator": self.settings.coordinator_address,
+            "enrol_address": self.settings.enrol_address,
+            "token": token,
+            "ca_sha256": invited["ca_sha256"] if invited else "",
+            "federation": invited["federation"] if invited else "",
+        }
+
+    # -- progress ------------------------------------------------------------------------
+
+    def _status(self) -> dict[str, Any]:
+        return atoll_cli.federation_status(
+            self.settings.coordinator, self.settings.coordinator_state
+        )
+
+    def poll(self) -> dict[int, dict[str, Any]]:
+        """Asks joined nodes for status, flags silent ones; returns accepted experts."""
+        joined = [n.node_id for n in self.nodes.values() if n.state in ACTIVE]
+        answers = self.ask(wire.STATUS, {n: {} for n in joined}) if joined else {}
+        now = time.time()
+        rows = {row["site"]: row for row in self._status()["sites"]}
+        accepted = atoll_cli.accepted_experts(
+            self.settings.coordinator, self.settings.coordinator_state
+        )
+        by_site = {row["site"]: row for row in accepted.values()}
+        for node_id in joined:
+            node = self.nodes[node_id]
+            if node_id in answers:
+                node.status = dict(answers[node_id])
+                if node.state == "silent":
+                    log.info("[atoll] node %d (%s) answers again", node_id, node.site)
+                node.state = "joined"
+            elif (
+                node.state in ("invited", "joined")
+                and now - node.last_reply > self.settings.silent_after_seconds
+            ):
+                node.reason = f"no reply for {self.settings.silent_after_seconds:.0f}s"
+                self._silent(node, rows.get(node.site))
+            digest = str(node.status.get("accepted_digest", ""))
+            coordinator_digest = by_site.get(node.site, {}).get("model_root_digest", "")
+            if digest and coordinator_digest and digest != coordinator_digest:
+                raise RuntimeError(
+                    f"site {node.site} reports accepted model {digest[:16]}.., the coordinator "
+                    f"accepted {coordinator_digest[:16]}.."
+                )
+            row = rows.get(node.site)
+            if row is not None and node.state in ("invited", "joined"):
+                log.info("[atoll] %s: expert %s, %s %s/%s", node.site, row["expert"],
+                         row["phase"], row["step"], row["total_steps"])  # fmt: skip
+        return accepted
+
+    def _silent(self, node: Node, row: dict[str, Any] | None = None) -> None:
+        node.state = "silent"
+        row = row or {}
+        log.warning(
+            "[atoll] SuperNode %d (site %s) is silent (%s); the coordinator last heard from "
+            "its site-agent %s s ago (phase %s): the site-agent goes on without Flower",
+            node.node_id, node.site, node.reason, _seconds(row.get("seconds_since_heartbeat")),
+            row.get("phase", "?"),
+        )  # fmt: skip
+
+    def settle(self) -> None:
+        """One last status round: a node that does not answer it is reported silent."""
+        joined = [n.node_id for n in self.nodes.values() if n.state in ACTIVE]
+        answers = self.ask(wire.STATUS, {n: {} for n in joined}) if joined else {}
+        for node_id in joined:
+            node = self.nodes[node_id]
+            if node_id in answers:
+                node.state, node.status = "joined", dict(answers[node_id])
+            elif node.state in ("invited", "joined"):
+                node.reason = node.reason or "no reply to the final status query"
+                self._silent(node)
+
+    def report(self, experts: int, accepted: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "experts": experts,
+            "complete": len(accepted) == experts,
+            "accepted": {
+                str(k): {key: row.get(key) for key in ("site", "model_root_digest", "log_index")}
+                for k, row in sorted(accepted.items())
+            },
+            "nodes": {str(n.node_id): asdict(n) for n in self.nodes.values()},
+            "messages": {
+                "sent": self.sent,
+                "received": self.received,
+                "array_records": self.array_records,
+            },
+        }
+
+
+def _seconds(value: object) -> str:
+    return "?" if not isinstance(value, (int, float)) else f"{value:.0f}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(context.run_config)
+    bridge = Bridge(grid, settings)
+    plan = bridge._status()["plan"]
+    if plan is None:
+        raise RuntimeError(
+            f"{settings.coordinator_state} has no partition plan yet: run `coordinator partition`"
+        )
+    experts = int(plan["experts"])
+    start = time.monotonic()
+    while sum(1 for _ in grid.get_node_ids()) < experts:
+        if time.monotonic() - start > settings.wait_for_nodes_seconds:
+            raise RuntimeError(
+                f"fewer than {experts} SuperNodes connected after "
+                f"{settings.wait_for_nodes_seconds:.0f}s (wait-for-nodes-seconds)"
+            )
+        time.sleep(1.0)
+    log.info("[atoll] %d experts; inviting the connected SuperNodes", experts)
+    accepted: dict[int, dict[str, Any]] = {}
+    while True:
+        bridge.admit(experts)
+        accepted = bridge.poll()
+        if len(accepted) == experts:
+            break
+        if time.monotonic() - start > settings.timeout_seconds:
+            break
+        time.sleep(settings.poll_seconds)
+    bridge.settle()
+    report = bridge.report(experts, accepted)
+    if settings.report_file:
+        Path(settings.report_file).write_text(json.dumps(report, indent=2))
+    for index, row in report["accepted"].items():
+        log.info("[atoll] expert %s accepted from %s (log index %s)", index, row["site"],
+                 row["log_index"])  # fmt: skip
+    for node in bridge.nodes.values():
+        if node.state != "joined":
+            log.warning("[atoll] node %d (%s): %s %s", node.node_id, node.site or "-",
+                        node.state, node.reason)  # fmt: skip
+    if not report["complete"]:
+        missing = sorted(set(range(experts)) - set(accepted))
+        raise RuntimeError(f"timed out with experts {missing} not accepted (timeout-seconds)")

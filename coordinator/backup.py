@@ -158,8 +158,6 @@ def backup(
                 entries[STORE_ENTRY] = {"size": info.size, "sha256": reader.sha.hexdigest()}
                 for path in _files(state.root):
                     name = path.relative_to(state.root).as_posix()
-                    if progress is not None:
-                        progress(name, path.stat().st_size)
                     if name in SECRET_FILES:
                         data = _secret_bytes(path, passphrase)
                         entries[name] = {**_add_bytes(tar, name, data, 0o600)}
@@ -170,13 +168,16 @@ def backup(
                     except FileNotFoundError:
                         continue  # removed meanwhile (e.g. a replaced artifact)
                     with handle:
-                        size = os.fstat(handle.fileno()).st_size
+                        # fstat: the path may be deleted meanwhile (a pruned upload session).
+                        stat = os.fstat(handle.fileno())
+                        if progress is not None:
+                            progress(name, stat.st_size)
                         info = tarfile.TarInfo(name)
-                        info.size, info.mode = size, path.stat().st_mode & 0o777
-                        info.mtime = int(path.stat().st_mtime)
-                        reader = _HashingReader(handle, size)
+                        info.size, info.mode = stat.st_size, stat.st_mode & 0o777
+                        info.mtime = int(stat.st_mtime)
+                        reader = _HashingReader(handle, stat.st_size)
                         tar.addfile(info, reader)
-                    entries[name] = {"size": size, "sha256": reader.sha.hexdigest()}
+                    entries[name] = {"size": stat.st_size, "sha256": reader.sha.hexdigest()}
                 manifest = {
                     "format": FORMAT,
                     "federation": federation,

@@ -12,10 +12,8 @@ throughput ratio (target >= 0.5) and the coordinator's peak RSS (target < 300 MB
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.loopback import peak_rss_mb, record_recipe, start_coordinator  # noqa: E402
 from coordinator import enrolment  # noqa: E402
 from coordinator.federation import init_federation, load_authority  # noqa: E402
 from coordinator.store import PlanRecord  # noqa: E402
@@ -33,19 +32,6 @@ from protocol.provenance import TrainingRun, sign_expert  # noqa: E402
 from site_agent.agent import connect, enrol  # noqa: E402
 from site_agent.transfer import signed_manifest, upload_directory  # noqa: E402
 from site_agent.workdir import Workdir  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmHWM not found")
 
 
 def write_random(path: Path, size: int) -> None:
@@ -84,34 +70,11 @@ def main() -> int:
         state = init_federation(work / "coordinator", "bench")
         store = state.open_store()
         token = enrolment.invite(store, load_authority(state), "site", 3600)
-        port, enrol_port = free_port(), free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "coordinator.cli",
-                "serve",
-                "--state",
-                str(state.root),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--enrol-listen",
-                f"127.0.0.1:{enrol_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
+        server, port, enrol_port = start_coordinator(state)
         workdir = Workdir(work / "site")
         enrol(workdir, f"127.0.0.1:{port}", str(token), f"127.0.0.1:{enrol_port}")
         store.put_plan(PlanRecord("00" * 32, 1, time.time()))
-        recipe = {
-            "name": "upload-benchmark",
-            "sha256": "12" * 32,
-            "artifact": "recipe/recipe.yaml",
-            "base_model": {"digest": "34" * 32, "served": False, "files": 1, "bytes": 1},
-        }
-        store.set_meta("recipe", json.dumps(recipe))
+        recipe = record_recipe(store, "upload-benchmark")
         store.close()
         with connect(workdir) as client:
             reply = client.get_assignment()

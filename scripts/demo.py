@@ -11,7 +11,8 @@ type it; their logs go to ``OUT/logs/``. What it does:
    charts on white: how many bars, which is tallest), text-only samples (small sums), images
    shared by several questions, and a held-out evaluation set per domain;
 2. federation ``demo`` (K=2): init, partition (balanced k-means on the tiny open_clip
-   encoder), recipe, serve, two invited sites that join and train in parallel;
+   encoder), recipe, serve, two invited sites that join and train in parallel (``site-b``
+   has no copy of the images: it fetches its shard's from the coordinator);
 3. federation ``dense`` (K=1) on the same data with the same recipe: the recipe's
    ``match-dense-steps`` schedule gives the dense model and each expert the same number of
    optimizer steps, so the two sides cost the same compute;
@@ -40,6 +41,7 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw
 from rich.console import Console
+from rich.filesize import decimal
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -322,6 +324,7 @@ class Federation:
     state: Path
     port: int
     sites: list[str]
+    without_images: tuple[str, ...] = ()  # sites that join with no --image-root
     partition: dict[str, Any] = field(default_factory=dict)
     server: subprocess.Popen[bytes] | None = None
     joins: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -364,13 +367,24 @@ def set_up(run: Runner, federation: Federation, data: Path, recipe: Path) -> dic
 def join_sites(
     run: Runner, federation: Federation, tokens: dict[str, str], out: Path, data: Path
 ) -> None:
-    """One `site-agent join` per site, one torch thread each (the machine's cores are shared)."""
+    """One `site-agent join` per site, one torch thread each (the machine's cores are shared);
+    a site without images fetches its shard's from the coordinator."""
     for site, token in tokens.items():
+        images = [] if site in federation.without_images else ["--image-root", str(data / "images")]
         federation.joins[site] = run.start(
             "site-agent", "join", "--coordinator", federation.address, "--token", token,
-            "--workdir", str(out / "sites" / site), "--image-root", str(data / "images"),
+            "--workdir", str(out / "sites" / site), *images,
             log=f"site-{site}", env=_env(threads=1),
         )  # fmt: skip
+
+
+def fetched_images(federation: Federation, out: Path) -> dict[str, dict[str, int]]:
+    """What each site without a copy of the images fetched into its workdir."""
+    fetched = {}
+    for site in federation.without_images:
+        files = [p for p in (out / "sites" / site / "images").rglob("*") if p.is_file()]
+        fetched[site] = {"images": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    return fetched
 
 
 def status(run: Runner, federation: Federation) -> dict[str, Any]:
@@ -670,6 +684,11 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines += ["", "## Training (optimizer steps, final loss)", ""]
     for name, row in report["training"].items():
         lines.append(f"* {name}: {row['step']}/{row['total_steps']} steps, loss {row['loss']:.3f}")
+    for site, got in report["images_fetched"].items():
+        lines.append(
+            f"* {site} joined without `--image-root`: fetched {got['images']} images "
+            f"({got['bytes']} bytes) of its shard from the coordinator"
+        )
     lines += ["", "## Audit and signatures", ""]
     for name, audit in report["audit"].items():
         lines.append(
@@ -714,7 +733,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{size.text_samples} text-only), {counts['eval_samples']} held-out questions"
     )
 
-    demo = Federation("demo", out / "coordinator", args.port, ["site-a", "site-b"])
+    demo = Federation(
+        "demo", out / "coordinator", args.port, ["site-a", "site-b"], without_images=("site-b",)
+    )
     dense = Federation("dense", out / "dense-coordinator", args.port + 10, ["site-dense"])
     try:
         heading("2. federation demo (K=2) and 3. the dense baseline (K=1), same recipe")
@@ -730,6 +751,13 @@ def main(argv: list[str] | None = None) -> int:
             join_sites(run, federation, tokens[federation.name], out, data)
         finals = wait_for_training(run, [demo, dense], args.timeout)
         training_seconds = time.monotonic() - train_started
+        images_fetched = fetched_images(demo, out)
+        for site, got in images_fetched.items():
+            console.print(
+                f"{site} joined without --image-root: fetched {got['images']} images "
+                f"({decimal(got['bytes'])}) of its shard from the coordinator",
+                highlight=False,
+            )
         console.print(run("coordinator", "status", "--state", str(demo.state), log="coordinator"))
         console.print(run("coordinator", "status", "--state", str(dense.state), log="coordinator"))
 
@@ -757,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         "scores": rows,
         "clusters": clusters,
         "training": finals,
+        "images_fetched": images_fetched,
         "audit": audits,
         "model_signing": signing,
         "plot": False,

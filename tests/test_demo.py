@@ -64,6 +64,9 @@ def test_quick_demo_report(tmp_path: Path) -> None:
     assert len(clusters) == 2
     assert clusters[0]["unique_images"] == clusters[1]["unique_images"] > 0
     assert {d for c in clusters for d in c["images_by_domain"]} == {"shapes", "charts"}
+    # site-b joined with no image root: it fetched exactly its shard's images.
+    fetched = report["images_fetched"]["site-b"]
+    assert fetched["images"] == clusters[0]["unique_images"] and fetched["bytes"] > 0
 
     # Both domains (and the text-only questions), with dense and ensemble numbers.
     overall = {r["benchmark"]: r for r in report["scores"] if r["task"] == "all"}

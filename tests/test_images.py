@@ -32,6 +32,7 @@ from protocol.messages import ArtifactRef
 from protocol.shard_manifest import image_artifact_name, image_path
 from site_agent.agent import Agent, connect
 from site_agent.images import prepare_images
+from site_agent.training.data import load_shard_manifest, verify_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import FAST_FAIL
@@ -148,6 +149,8 @@ def test_half_present_copy_fetches_only_the_other_half(running: Any, tmp_path: P
     for relative in missing:
         assert (workdir.images_dir / relative).read_bytes() == (data.root / relative).read_bytes()
     assert sorted(p.relative_to(own).as_posix() for p in own.rglob("*.png")) == present
+    # The trainer's own check accepts the layout: links into the copy, fetched files.
+    assert verify_shard(load_shard_manifest(shard), workdir.images_dir) == 7
 
     again = prepare_images(shard, workdir.images_dir, own, None)  # offline: nothing to fetch
     assert again.root == workdir.images_dir and again.fetched == 0

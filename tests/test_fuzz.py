@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from coordinator import enrolment
 from coordinator.federation import init_federation
+from coordinator.images import record_images
 from coordinator.server import Coordinator, FederationServicer
 from coordinator.store import PlanRecord
 from protocol import federation_pb2 as pb
@@ -115,6 +116,7 @@ def harness() -> Iterator[Harness]:
         coordinator = Coordinator.open(state, heartbeat_seconds=1)
         store, ca = coordinator.store, coordinator.ca
         store.put_plan(PlanRecord("ab" * 32, 2, time.time()))
+        record_images(state, store, Path(tmp))  # images/<sha256> names reach the index
         token = enrolment.invite(store, ca, "alpha", 3600)
         key = new_p256_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alpha")])
@@ -177,7 +179,12 @@ def test_fuzz_heartbeat(
 
 @FUZZ
 @given(
-    name=st.one_of(st.sampled_from(["partition/expert-0.json", "../store.db"]), TEXT), offset=U64
+    name=st.one_of(
+        st.sampled_from(["partition/expert-0.json", "../store.db", "images/" + "ab" * 32]),
+        TEXT,
+        st.builds("images/{}".format, TEXT),
+    ),
+    offset=U64,
 )
 def test_fuzz_download_artifact(harness: Harness, name: str, offset: int) -> None:
     harness.call("DownloadArtifact", pb.DownloadArtifactRequest(name=name, offset=offset))

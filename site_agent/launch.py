@@ -252,5 +252,6 @@ def rank_failure(path: Path) -> tuple[int, str] | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     rank = info.get("rank") if isinstance(info, dict) else None
-    where = f"rank {rank}" if rank is not None else "a rank"
+    # No rank: torchrun's own failure (a signal, the rendezvous), recorded by its @record.
+    where = f"rank {rank}" if rank is not None else "torchrun"
     return code, f"{where}: {record.get('message', '')}"

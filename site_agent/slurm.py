@@ -229,6 +229,9 @@ class SlurmJob:
         return code
 
     def send_signal(self, sig: int) -> None:
+        if self.state == "PENDING":  # nothing runs yet, so nothing to checkpoint
+            self.kill()
+            return
         # Every process of the job's steps (torchrun and its ranks): each rank checkpoints.
         self.signalled = True
         _scancel(f"--signal={int(sig)}", str(self.job_id))
@@ -355,15 +358,16 @@ class SlurmLauncher:
         job = self.job
         if job is None or exit_code == 0:
             return None
-        for path in sorted(self.run_dir.glob("launcher-error*.json")):
-            failed = rank_failure(path)
-            if failed is not None:
-                return failed[0], f"Slurm job {job.job_id}, {failed[1]}"
         if job.state == "CANCELLED" and not (job.signalled or job.cancelled):
+            # Before the error files: torchrun records the SIGTERM of the cancellation too.
             return int(ExitCode.PRECONDITION), (
                 f"Slurm job {job.job_id} was cancelled (scancel, by a user or an admin); "
                 "not resubmitted. Run `site-agent join` again to resume from the last checkpoint"
             )
+        for path in sorted(self.run_dir.glob("launcher-error*.json")):
+            failed = rank_failure(path)
+            if failed is not None:
+                return failed[0], f"Slurm job {job.job_id}, {failed[1]}"
         if exit_code == ExitCode.PRECONDITION:
             said = _lines_from(self.run_dir / "train.log", "atoll: ")
             return int(ExitCode.PRECONDITION), f"Slurm job {job.job_id}: " + (

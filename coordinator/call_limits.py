@@ -61,11 +61,11 @@ class CallLimits:
     max_calls: int
 
 
-# Sites: an upload stream, a download and a heartbeat at once, with room for a resumed call
-# whose predecessor the server has not yet seen die. 256 calls at once: 1,000 sites beating
+# Sites: three image downloads (site_agent/images.py), an upload stream and a heartbeat at
+# once, with room for resumed calls whose predecessors the server has not yet seen die. 256 calls at once: 1,000 sites beating
 # every 10 s need a handful; a burst of every site at once (after a restart) is shed with
 # RESOURCE_EXHAUSTED, which sites retry with jitter (benchmarks/load.py).
-SITE_LIMITS = CallLimits(idle_timeout=60.0, per_peer=4, max_calls=256)
+SITE_LIMITS = CallLimits(idle_timeout=60.0, per_peer=8, max_calls=256)
 # Enrolment: one small request per site, once; nothing legitimate waits seconds on it.
 ENROL_LIMITS = CallLimits(idle_timeout=10.0, per_peer=2, max_calls=8)
 

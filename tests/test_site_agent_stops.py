@@ -128,3 +128,20 @@ def test_a_stopped_retry_ends_its_wait_at_once() -> None:
     with pytest.raises(Interrupted):
         retry.run("Heartbeat", failing)
     assert time.monotonic() - started < 5 and calls == 1
+
+
+def test_heartbeats_continue_while_uploading(running: Any, tmp_path: Path) -> None:
+    workdir = running.enrol(tmp_path, "alpha")
+    store = running.coordinator.store
+    with running.client(workdir) as client:
+        agent = Agent(workdir, client, heartbeat_seconds=0.1)
+        agent.phase = "uploading"
+        with agent.beating():  # what work() wraps the upload in
+            deadline = time.monotonic() + 10
+            while "alpha" not in store.latest_heartbeats() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            first = store.latest_heartbeats()["alpha"].at
+            while store.latest_heartbeats()["alpha"].at == first and time.monotonic() < deadline:
+                time.sleep(0.05)
+    beat = store.latest_heartbeats()["alpha"]
+    assert beat.phase == "uploading" and beat.at > first

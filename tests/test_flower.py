@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def flower_venv() -> Path:
-    key = hashlib.sha256(
-        (FLOWER / "pyproject.toml").read_bytes() + (FLOWER / "install.sh").read_bytes()
-    ).hexdigest()[:16]
+    # Keyed by what decides the packages: a change elsewhere in pyproject.toml only makes
+    # install.sh reinstall the app itself into the same venv.
+    project = tomllib.loads((FLOWER / "pyproject.toml").read_text())["project"]
+    wanted = json.dumps([project["dependencies"], project["optional-dependencies"]])
+    key = hashlib.sha256(wanted.encode() + (FLOWER / "install.sh").read_bytes()).hexdigest()[:16]
     cache = Path(os.environ.get("ATOLL_FLOWER_CACHE", Path.home() / ".cache" / "atoll"))
     venv = cache / f"flower-venv-{key}"
     done = subprocess.run(
@@ -151,6 +154,7 @@ def partition(state: Path, data: Path, dataset: Path, npz: Path) -> dict[str, An
     run(
         coordinator, "partition", "--state", str(state), "--dataset", str(dataset),
         "--image-root", str(data / "images"), "--features", str(npz), "--experts", "2",
+        "--feature-encoder", "hf:/models/clip-vit-large-patch14-336",
         "--seed", "0", "--json",
     )  # fmt: skip
     plan: dict[str, Any] = json.loads((state / "partition" / "plan.json").read_text())
@@ -288,7 +292,7 @@ def test_flower_supernodes_join_and_train(
     run_config = (
         f'coordinator-state="{state}" coordinator-address="127.0.0.1:{port}" '
         f'enrol-address="127.0.0.1:{enrol_port}" coordinator="{coordinator}" '
-        f"require-node-auth=false poll-seconds=3.0 reply-timeout-seconds=20.0 "
+        f"require-node-auth=false poll-seconds=3.0 reply-timeout-seconds=60.0 "
         f"silent-after-seconds=30.0 wait-for-nodes-seconds=60.0 timeout-seconds=400.0 "
         f'report-file="{report_file}"'
     )

@@ -15,6 +15,10 @@ from atoll_flower.partitioner import AtollPartitioner
 from datasets import Dataset, Features, Image, Sequence, Value
 from flwr_datasets import FederatedDataset
 
+# The features are made up; the plan names an encoder that is not on this machine, so Atoll
+# records it unchecked (as for features computed at another site).
+ENCODER = "hf:/models/clip-vit-large-patch14-336"
+
 
 def main() -> None:
     rows_file, out, coordinator, plan = sys.argv[1:5]
@@ -44,7 +48,10 @@ def main() -> None:
     table.to_parquet(str(parquet))
     result = {}
     for name, partitioner in (
-        ("clustered", AtollPartitioner(2, "clip", seed=0, coordinator=coordinator)),
+        (
+            "clustered",
+            AtollPartitioner(2, "clip", encoder=ENCODER, seed=0, coordinator=coordinator),
+        ),
         ("from_plan", AtollPartitioner.from_plan(plan, id_column="id")),
     ):
         fds = FederatedDataset(

@@ -17,7 +17,7 @@ downgrade the hub under transformers). So it never imports Atoll's k-means; it a
 Example::
 
     from flwr_datasets import FederatedDataset
-    partitioner = AtollPartitioner(num_partitions=2, features="clip", seed=0)
+    partitioner = AtollPartitioner(2, features="clip", encoder="hf:/models/clip-vit-large-patch14-336")
     fds = FederatedDataset(dataset="parquet", data_files="rows.parquet",
                            partitioners={"train": partitioner}, shuffle=False)
     expert_0 = fds.load_partition(0)
@@ -47,6 +47,9 @@ class AtollPartitioner(Partitioner):
         num_partitions: K, the number of experts.
         features: a column holding each image row's feature vector (ignored on text-only
             rows), or an array with one row per dataset row.
+        encoder: the spec of the encoder that computed the features (Atoll's
+            ``--feature-encoder``, e.g. ``hf:/models/clip-vit-large-patch14-336``): the plan
+            names it, since a router must compute the same features for new images.
         image_column: the column of images (``None`` on text-only rows).
         seed: Atoll's clustering and text-only seed.
         coordinator: path of Atoll's ``coordinator`` command.
@@ -58,6 +61,7 @@ class AtollPartitioner(Partitioner):
         num_partitions: int,
         features: str | np.ndarray | None = None,
         *,
+        encoder: str = "",
         image_column: str = "image",
         seed: int = 0,
         coordinator: str = "coordinator",
@@ -68,6 +72,7 @@ class AtollPartitioner(Partitioner):
             raise ValueError(f"num_partitions: expected >= 1, got {num_partitions}")
         self._num_partitions = num_partitions
         self._features = features
+        self._encoder = encoder
         self._image_column = image_column
         self._seed = seed
         self._coordinator = coordinator
@@ -148,6 +153,11 @@ class AtollPartitioner(Partitioner):
 
     def _cluster(self) -> np.ndarray:
         """Runs Atoll's own partitioning on these rows (see the module docstring)."""
+        if not self._encoder:
+            raise ValueError(
+                "encoder: name the encoder that computed the features (e.g. "
+                "'hf:/models/clip-vit-large-patch14-336'); Atoll's plan records it for the router"
+            )
         if self._image_column not in self.dataset.column_names:
             raise ValueError(
                 f"image column {self._image_column!r} is not in the dataset "
@@ -184,7 +194,8 @@ class AtollPartitioner(Partitioner):
             self._run(
                 "partition", "--state", state, "--dataset", str(root / "rows.json"),
                 "--image-root", str(root / "images"), "--features", str(root / "features.npz"),
-                "--experts", str(self._num_partitions), "--seed", str(self._seed), "--json",
+                "--feature-encoder", self._encoder, "--experts", str(self._num_partitions),
+                "--seed", str(self._seed), "--json",
                 *self._partition_args,
             )  # fmt: skip
             plan = json.loads((root / "state" / "partition" / "plan.json").read_text())

@@ -88,110 +88,158 @@ class Node:
     state: str = "connected"
     reason: str = ""
     last_reply: float = 0.0
+    invited_at: float = 0.0
     status: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Bridge:
+    """The ServerApp's state: every node, the queries still awaiting a reply, counters.
+
+    Queries are pushed and their replies pulled as they come: a slow ClientApp's late reply
+    still counts (until the query's TTL), and nothing waits on one silent node.
+    """
+
     grid: Grid
     settings: RunSettings
     nodes: dict[int, Node] = field(default_factory=dict)
+    pending: dict[str, tuple[int, str, float]] = field(default_factory=dict)
     sent: int = 0
     received: int = 0
     array_records: int = 0
 
     # -- messages ------------------------------------------------------------------------
 
-    def ask(
-        self, message_type: str, payloads: dict[int, dict[str, Any]]
-    ) -> dict[int, dict[str, object]]:
-        """Sends one query per node and returns the replies that came in time, by node."""
-        timeout = self.settings.reply_timeout_seconds
+    def send(self, message_type: str, payloads: dict[int, dict[str, Any]]) -> None:
+        """Pushes one query per node; its reply is picked up by ``collect``."""
+        if not payloads:
+            return
+        ttl = self.settings.reply_timeout_seconds
         messages = [
-            Message(wire.content(body), node_id, message_type, ttl=timeout + 10)
+            Message(wire.content(body), node_id, message_type, ttl=ttl)
             for node_id, body in payloads.items()
         ]
-        self.sent += len(messages)
         self.array_records += sum(wire.array_records(m) for m in messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.received += len(replies)
-        # Replies are matched by the message they answer: an error reply for an unreachable
-        # node comes from the SuperLink, not from the node.
-        node_of = {
-            m.metadata.message_id: node_id for m, node_id in zip(messages, payloads, strict=True)
-        }
-        answers: dict[int, dict[str, object]] = {}
-        for reply in replies:
-            self.array_records += wire.array_records(reply)
-            node = node_of.get(reply.metadata.reply_to_message_id)
-            if node is None:
-                continue
-            if reply.has_error():
-                # Flower's own verdict (e.g. the node missed its heartbeats): silent now.
-                self.nodes[node].reason = reply.error.reason
-                if self.nodes[node].state in ("invited", "joined"):
-                    self._silent(self.nodes[node])
-                continue
-            answers[node] = wire.values(reply)
-            self.nodes[node].last_reply = time.time()
-        return answers
+        ids = list(self.grid.push_messages(messages))
+        self.sent += len(messages)
+        for message_id, node_id in zip(ids, payloads, strict=True):
+            if message_id:
+                self.pending[message_id] = (node_id, message_type, time.time() + ttl)
 
-    # -- enrolment -----------------------------------------------------------------------
+    def awaiting(self, node_id: int, message_type: str) -> bool:
+        return any(p[:2] == (node_id, message_type) for p in self.pending.values())
 
-    def admit(self, experts: int) -> None:
-        """Identifies new SuperNodes and invites them until every expert has a site."""
-        new: list[int] = []
+    def collect(self, wait: float) -> list[tuple[int, str, dict[str, object] | None, str]]:
+        """Replies that arrive within ``wait`` seconds (sooner when none is pending):
+        ``(node, message type, values or None, error)``. Replies are matched by the query
+        they answer: an error reply for an unreachable node comes from the SuperLink."""
+        deadline = time.monotonic() + wait
+        events: list[tuple[int, str, dict[str, object] | None, str]] = []
+        while self.pending:
+            for reply in self.grid.pull_messages(list(self.pending)):
+                asked = self.pending.pop(reply.metadata.reply_to_message_id, None)
+                if asked is None:
+                    continue
+                self.received += 1
+                self.array_records += wire.array_records(reply)
+                if reply.has_error():
+                    events.append((asked[0], asked[1], None, reply.error.reason))
+                else:
+                    events.append((asked[0], asked[1], wire.values(reply), ""))
+            for message_id, (node_id, kind, expires) in list(self.pending.items()):
+                if time.time() > expires:
+                    del self.pending[message_id]
+                    events.append((node_id, kind, None, "no reply within the query's TTL"))
+            if time.monotonic() >= deadline or not self.pending:
+                break
+            time.sleep(0.5)
+        return events
+
+    # -- one round -----------------------------------------------------------------------
+
+    def round(self, experts: int) -> None:
+        """Identifies new nodes, asks joined ones for status, handles what came back."""
+        identify: dict[int, dict[str, Any]] = {}
         for info in self.grid.get_nodes():
             node = self.nodes.setdefault(info.node_id, Node(info.node_id))
-            if node.state != "connected":
-                continue  # answered before (a node that never answered is asked again)
+            if node.state != "connected" or self.awaiting(node.node_id, wire.IDENTIFY):
+                continue
             if self.settings.require_node_auth and not info.public_key:
                 node.state, node.reason = "refused", "not authenticated with Flower node auth"
-                log.warning("[atoll] node %d gets no token: %s", info.node_id, node.reason)
+                log.warning("[atoll] node %d gets no token: %s", node.node_id, node.reason)
                 continue
-            new.append(info.node_id)
-        if not new:
-            return
-        enrolled = {row["site"] for row in self._status()["sites"]}
+            identify[node.node_id] = {}
+        self.send(wire.IDENTIFY, identify)
+        self.send(
+            wire.STATUS,
+            {
+                n.node_id: {}
+                for n in self.nodes.values()
+                if n.state in ACTIVE and not self.awaiting(n.node_id, wire.STATUS)
+            },
+        )
         joins: dict[int, dict[str, Any]] = {}
-        for node_id, answer in self.ask(wire.IDENTIFY, {n: {} for n in new}).items():
+        for node_id, kind, answer, error in self.collect(self.settings.poll_seconds):
             node = self.nodes[node_id]
-            node.site = str(answer.get("site", ""))
-            taken = {n.site for n in self.nodes.values() if n.state in ACTIVE}
-            taken |= {self.nodes[n].site for n in joins}
-            if answer.get("error") or not node.site:
-                node.state, node.reason = "refused", str(answer.get("error", "no site name"))
-            elif node.site in taken:
-                node.state, node.reason = "refused", f"site {node.site!r} is another node's"
-            elif answer.get("enrolled"):
-                joins[node_id] = self._invitation("")  # resumes; no token needed
-            elif node.site in enrolled:
-                node.state = "refused"
-                node.reason = f"site {node.site!r} is enrolled already, from another workdir"
-            elif len(taken) >= experts:
-                node.state, node.reason = "refused", f"all {experts} experts have a site"
-            else:
-                invited = atoll_cli.invite(
-                    self.settings.coordinator, self.settings.coordinator_state, node.site,
-                    self.settings.invite_ttl,
-                )  # fmt: skip
-                joins[node_id] = self._invitation(invited["token"], invited)
-            if node.state == "refused":
-                log.warning("[atoll] node %d refused: %s", node_id, node.reason)
-        for node_id in joins:
-            # The token may have arrived even if the reply does not: poll it from now on.
-            self.nodes[node_id].state = "invited"
-        for node_id, answer in self.ask(wire.JOIN, joins).items():
-            node = self.nodes[node_id]
-            if answer.get("error"):
-                node.state, node.reason = "refused", str(answer["error"])
-                log.warning(
-                    "[atoll] node %d (%s) did not join: %s", node_id, node.site, node.reason
-                )
-            else:
-                node.state = "joined"
-                log.info("[atoll] node %d joins as site %s (site-agent pid %s)",
-                         node_id, node.site, answer.get("pid"))  # fmt: skip
+            if answer is None:
+                if node.state in ("invited", "joined"):
+                    node.reason = error
+                    self._silent(node)
+                continue
+            node.last_reply = time.time()
+            if kind == wire.IDENTIFY and node.state == "connected":
+                self._admit(node, answer, joins, experts)
+            elif kind == wire.JOIN:
+                if answer.get("error"):
+                    node.state, node.reason = "refused", str(answer["error"])
+                    log.warning("[atoll] node %d (%s) did not join: %s", node_id, node.site,
+                                node.reason)  # fmt: skip
+                else:
+                    node.state = "joined"
+                    log.info("[atoll] node %d joins as site %s (site-agent pid %s)",
+                             node_id, node.site, answer.get("pid"))  # fmt: skip
+            elif kind == wire.STATUS:
+                if answer.get("error"):
+                    log.warning("[atoll] node %d (%s): %s", node_id, node.site, answer["error"])
+                if node.state == "silent":
+                    log.info("[atoll] node %d (%s) answers again", node_id, node.site)
+                node.status, node.state = dict(answer), "joined"
+        self.send(wire.JOIN, joins)
+        now = time.time()
+        for node in self.nodes.values():
+            quiet = now - max(node.last_reply, node.invited_at)
+            if node.state in ("invited", "joined") and quiet > self.settings.silent_after_seconds:
+                node.reason = f"no reply for {quiet:.0f}s"
+                self._silent(node)
+
+    def _admit(
+        self, node: Node, answer: dict[str, object], joins: dict[int, dict[str, Any]], experts: int
+    ) -> None:
+        """Decides on an identified node: resume, invite (a fresh token) or refuse."""
+        node.site = str(answer.get("site", ""))
+        taken = {n.site for n in self.nodes.values() if n.state in ACTIVE}
+        if answer.get("error") or not node.site:
+            node.state, node.reason = "refused", str(answer.get("error", "no site name"))
+        elif node.site in taken:
+            node.state, node.reason = "refused", f"site {node.site!r} is another node's"
+        elif answer.get("enrolled"):
+            joins[node.node_id] = self._invitation("")  # resumes; no token needed
+        elif node.site in {row["site"] for row in self._status()["sites"]}:
+            node.state = "refused"
+            node.reason = f"site {node.site!r} is enrolled already, from another workdir"
+        elif len(taken) >= experts:
+            node.state, node.reason = "refused", f"all {experts} experts have a site"
+        else:
+            invited = atoll_cli.invite(
+                self.settings.coordinator, self.settings.coordinator_state, node.site,
+                self.settings.invite_ttl,
+            )  # fmt: skip
+            joins[node.node_id] = self._invitation(invited["token"], invited)
+        if node.state == "refused":
+            log.warning("[atoll] node %d refused: %s", node.node_id, node.reason)
+        else:
+            # The token may arrive even if the reply does not: poll the node from now on.
+            node.state, node.invited_at = "invited", time.time()
 
     def _invitation(self, token: str, invited: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
@@ -202,36 +250,34 @@ class Bridge:
             "federation": invited["federation"] if invited else "",
         }
 
-    # -- progress ------------------------------------------------------------------------
+    def _silent(self, node: Node) -> None:
+        if node.state == "silent":
+            return
+        node.state = "silent"
+        row = next((r for r in self._status()["sites"] if r["site"] == node.site), {})
+        log.warning(
+            "[atoll] SuperNode %d (site %s) is silent (%s); the coordinator last heard from "
+            "its site-agent %s s ago (phase %s): the site-agent goes on without Flower",
+            node.node_id, node.site, node.reason, _seconds(row.get("seconds_since_heartbeat")),
+            row.get("phase", "?"),
+        )  # fmt: skip
+
+    # -- the coordinator's view ----------------------------------------------------------
 
     def _status(self) -> dict[str, Any]:
         return atoll_cli.federation_status(
             self.settings.coordinator, self.settings.coordinator_state
         )
 
-    def poll(self) -> dict[int, dict[str, Any]]:
-        """Asks joined nodes for status, flags silent ones; returns accepted experts."""
-        joined = [n.node_id for n in self.nodes.values() if n.state in ACTIVE]
-        answers = self.ask(wire.STATUS, {n: {} for n in joined}) if joined else {}
-        now = time.time()
-        rows = {row["site"]: row for row in self._status()["sites"]}
+    def accepted(self) -> dict[int, dict[str, Any]]:
+        """Accepted experts (the coordinator's audit log), checked against what each site
+        reports; logs each site's progress from ``coordinator status --json``."""
         accepted = atoll_cli.accepted_experts(
             self.settings.coordinator, self.settings.coordinator_state
         )
         by_site = {row["site"]: row for row in accepted.values()}
-        for node_id in joined:
-            node = self.nodes[node_id]
-            if node_id in answers:
-                node.status = dict(answers[node_id])
-                if node.state == "silent":
-                    log.info("[atoll] node %d (%s) answers again", node_id, node.site)
-                node.state = "joined"
-            elif (
-                node.state in ("invited", "joined")
-                and now - node.last_reply > self.settings.silent_after_seconds
-            ):
-                node.reason = f"no reply for {self.settings.silent_after_seconds:.0f}s"
-                self._silent(node, rows.get(node.site))
+        rows = {row["site"]: row for row in self._status()["sites"]}
+        for node in self.nodes.values():
             digest = str(node.status.get("accepted_digest", ""))
             coordinator_digest = by_site.get(node.site, {}).get("model_root_digest", "")
             if digest and coordinator_digest and digest != coordinator_digest:
@@ -240,30 +286,26 @@ class Bridge:
                     f"accepted {coordinator_digest[:16]}.."
                 )
             row = rows.get(node.site)
-            if row is not None and node.state in ("invited", "joined"):
+            if row is not None and node.state in ACTIVE:
                 log.info("[atoll] %s: expert %s, %s %s/%s", node.site, row["expert"],
                          row["phase"], row["step"], row["total_steps"])  # fmt: skip
         return accepted
 
-    def _silent(self, node: Node, row: dict[str, Any] | None = None) -> None:
-        node.state = "silent"
-        row = row or {}
-        log.warning(
-            "[atoll] SuperNode %d (site %s) is silent (%s); the coordinator last heard from "
-            "its site-agent %s s ago (phase %s): the site-agent goes on without Flower",
-            node.node_id, node.site, node.reason, _seconds(row.get("seconds_since_heartbeat")),
-            row.get("phase", "?"),
-        )  # fmt: skip
-
     def settle(self) -> None:
         """One last status round: a node that does not answer it is reported silent."""
-        joined = [n.node_id for n in self.nodes.values() if n.state in ACTIVE]
-        answers = self.ask(wire.STATUS, {n: {} for n in joined}) if joined else {}
-        for node_id in joined:
+        active = [n.node_id for n in self.nodes.values() if n.state in ACTIVE]
+        self.send(wire.STATUS, {n: {} for n in active if not self.awaiting(n, wire.STATUS)})
+        answered = set()
+        for node_id, kind, answer, error in self.collect(self.settings.reply_timeout_seconds):
             node = self.nodes[node_id]
-            if node_id in answers:
-                node.state, node.status = "joined", dict(answers[node_id])
-            elif node.state in ("invited", "joined"):
+            if kind == wire.STATUS and answer is not None:
+                node.status, node.state = dict(answer), "joined"
+                answered.add(node_id)
+            elif answer is None:
+                node.reason = error
+        for node_id in active:
+            if node_id not in answered:
+                node = self.nodes[node_id]
                 node.reason = node.reason or "no reply to the final status query"
                 self._silent(node)
 
@@ -309,13 +351,13 @@ def main(grid: Grid, context: Context) -> None:
     log.info("[atoll] %d experts; inviting the connected SuperNodes", experts)
     accepted: dict[int, dict[str, Any]] = {}
     while True:
-        bridge.admit(experts)
-        accepted = bridge.poll()
-        if len(accepted) == experts:
+        began = time.monotonic()
+        bridge.round(experts)
+        accepted = bridge.accepted()
+        if len(accepted) == experts or time.monotonic() - start > settings.timeout_seconds:
             break
-        if time.monotonic() - start > settings.timeout_seconds:
-            break
-        time.sleep(settings.poll_seconds)
+        # Each status query starts a ClientApp process at the node: not more than one a period.
+        time.sleep(max(0.0, settings.poll_seconds - (time.monotonic() - began)))
     bridge.settle()
     report = bridge.report(experts, accepted)
     if settings.report_file:

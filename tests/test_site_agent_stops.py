@@ -105,7 +105,9 @@ def test_fresh_join_gives_up_on_a_silent_coordinator_with_a_clear_error(
 
 
 def test_join_until_ready_stops_before_training(running: Any, tmp_path: Path) -> None:
-    running.add_plan(1, {"centroids.bin": b"c" * 100})
+    # Every assignment names its shard; a text-only one needs no images.
+    shard = b'{"samples": [{"id": "t", "conversations": []}]}'
+    running.add_plan(1, {"centroids.bin": b"c" * 100, "expert-0.json": shard})
     workdir = running.enrol(tmp_path, "alpha")
     with running.client(workdir) as client:
         agent = Agent(workdir, client)

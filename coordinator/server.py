@@ -176,6 +176,10 @@ def _handle(context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> 
     except AtollError as error:
         _abort(context, method, error)
         raise  # unreachable: abort raises
+    except grpc.RpcError:
+        # Reading the request failed: the peer (or the CallGuard's idle timeout) cancelled it.
+        log.info("[Federation.%s] cancelled while reading the request", method)
+        raise
     except Exception as error:
         if _disk_full(error):
             log.error("[Federation.%s] disk full: %s", method, error)

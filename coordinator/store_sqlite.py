@@ -178,17 +178,25 @@ class SqliteStore(Store):
             )
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         # BEGIN IMMEDIATE takes the write lock up front, so check-then-write is atomic even
         # against another process (e.g. a CLI command beside a running server).
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                # Not fsynced at commit (the next durable commit carries it to disk): for
+                # heartbeats, which a power loss may lose and the next beat replaces.
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._conn.execute("PRAGMA synchronous=FULL")
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -319,7 +327,7 @@ class SqliteStore(Store):
 
     # -- heartbeats ----------------------------------------------------------------------
     def record_heartbeat(self, heartbeat: HeartbeatRecord) -> None:
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             if (
                 conn.execute("SELECT 1 FROM sites WHERE name = ?", (heartbeat.site,)).fetchone()
                 is None

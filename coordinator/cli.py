@@ -19,6 +19,7 @@ from coordinator.federation import init_federation, load_authority
 from coordinator.federation_recipe import set_recipe
 from coordinator.state import StateDir
 from coordinator.status import status_document
+from protocol.checkpoint_note import sign_note
 from protocol.cli_support import parse_duration, run_parser
 from protocol.errors import InvalidArgument, VerificationFailed
 from protocol.exit_codes import ExitCode
@@ -176,6 +177,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
             count = audit.export_log(store, Path(args.export))
             print(f"exported {count} events to {args.export}", file=sys.stderr)
             report = audit.verify_store_log(store, auditor.log_id, auditor.public_key)
+            # The same head as a C2SP signed note, for transparency-log tools and auditors.
+            note = sign_note(
+                auditor.log_id, report.size, bytes.fromhex(report.root_hash), auditor.signing_key
+            )
+            Path(f"{args.export}.note").write_text(note)
         elif args.export:
             print(f"not exported to {args.export}: the log failed verification", file=sys.stderr)
     finally:

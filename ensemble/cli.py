@@ -16,7 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ensemble import evaluate, generate_cli, serve_cli
 from ensemble.verify import verify_ensemble
 from protocol import PROTOCOL_VERSION
-from protocol.audit_log import Receipt, verify_log_file, verify_receipt
+from protocol.audit_log import (
+    AuditLog,
+    LogVerification,
+    Receipt,
+    verify_log_file,
+    verify_receipt,
+)
+from protocol.checkpoint_note import open_note
 from protocol.cli_support import run_parser
 from protocol.ensemble_manifest import MANIFEST_FILE
 from protocol.errors import AtollError, InvalidArgument, NotFound, VerificationFailed
@@ -141,12 +148,40 @@ def _coordinator_key(path: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
+def _check_note(
+    result: LogVerification, name: str, text: str, key: ec.EllipticCurvePublicKey
+) -> None:
+    """The log must extend the head a signed checkpoint note (C2SP) promised."""
+    # The log id: its checkpoints name it; a log cut before any has only the note's origin
+    # (which the coordinator's signature covers).
+    origin = text.partition("\n")[0]
+    log = AuditLog(result.checkpoints[0].log_id if result.checkpoints else f"spiffe://{origin}")
+    size, root = open_note(text, key, log.log_id)
+    if size > result.tree_size:
+        raise VerificationFailed(
+            f"{name}: the note signs {size} events, the log holds {result.tree_size}: "
+            "the log is truncated"
+        )
+    for event in result.events[:size]:
+        log.append(event)
+    if log.root(size) != root:
+        raise VerificationFailed(
+            f"{name}: the log's first {size} events do not give the note's root: events were "
+            "altered, removed or reordered"
+        )
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     key = _coordinator_key(args.key)
     receipts = []
+    notes = []
     for name in args.receipt or []:
         try:
-            document = json.loads(Path(name).read_bytes())
+            raw = Path(name).read_bytes()
+            if not raw.lstrip().startswith(b"{"):
+                notes.append((name, raw.decode()))  # a C2SP signed checkpoint note
+                continue
+            document = json.loads(raw)
             # A site workdir's agent state keeps the receipt (as JSON text) under "receipt".
             if isinstance(document, dict) and isinstance(document.get("receipt"), str):
                 document = json.loads(document["receipt"])
@@ -164,6 +199,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 raise VerificationFailed(
                     f"{args.log}: event {receipt.index} is not the event of the receipt"
                 )
+        for name, text in notes:
+            _check_note(result, name, text, key)
     except VerificationFailed as error:
         if args.json:
             print(json.dumps({"log": args.log, "verified": False, "error": str(error)}))
@@ -257,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--against",
         dest="receipt",
         action="append",
-        help="a receipt a site kept (CommitUpload's, or a site workdir's agent state): the log "
-        "must hold its event and extend its signed checkpoint; repeatable",
+        help="a receipt a site kept (CommitUpload's, or a site workdir's agent state), or a "
+        "signed checkpoint note: the log must hold its event and extend its checkpoint; "
+        "repeatable",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_audit)

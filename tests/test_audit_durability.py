@@ -115,3 +115,33 @@ def test_invitations_recipes_and_plans_are_logged(running: Any) -> None:
     assert events[0].details["site"] == "alpha" and "secret" not in json.dumps(events[0].details)
     assert events[1].details == {"plan_digest": "cd" * 32, "num_experts": 2}
     assert events[2].details["recipe_sha256"] == "ab" * 32
+
+
+def test_the_export_comes_with_a_c2sp_signed_checkpoint_note(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from protocol.checkpoint_note import open_note
+
+    state = fed.running.state
+    assert upload(fed.alpha, signed_expert(tmp_path / "e0", fed.alpha)).accepted
+    export = tmp_path / "audit.jsonl"
+    assert coordinator_main(["audit", "--state", str(state.root), "--export", str(export)]) == 0
+    note = Path(f"{export}.note").read_text()
+    origin, size, root, blank, signature, end = note.split("\n")
+    assert origin == "testfed/coordinator" and blank == "" and end == ""
+    assert signature.startswith("\u2014 testfed/coordinator ")
+    key = fed.coordinator_key()
+    assert open_note(note, key, "spiffe://testfed/coordinator")[0] == int(size)
+    pub = str(state.signing_pub)
+    assert atoll_main(["audit", str(export), "--key", pub, "--against", f"{export}.note"]) == 0
+    # The log cut short of the note's head, or a note with a changed root, fails.
+    lines = export.read_text().splitlines(keepends=True)
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(lines[:2]))
+    capsys.readouterr()
+    assert atoll_main(["audit", str(short), "--key", pub, "--against", f"{export}.note"]) == 8
+    assert "the log is truncated" in capsys.readouterr().err
+    forged = tmp_path / "forged.note"
+    forged.write_text(note.replace(root, "A" * 43 + "="))
+    assert atoll_main(["audit", str(export), "--key", pub, "--against", str(forged)]) == 8
+    assert "signature check failed" in capsys.readouterr().err

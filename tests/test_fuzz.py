@@ -5,7 +5,8 @@
   odd strings and bytes. The property: a reply, or an abort with a status that says what was
   wrong; INTERNAL (an unexpected exception at the coordinator) is a crash.
 * Every parser of an untrusted file (recipe, data set, ensemble manifest, model signature
-  bundle, provenance envelope, receipt, checkpoint, exported audit log, enrolment token): a
+  bundle, provenance envelope, receipt, checkpoint, checkpoint note, exported audit log,
+  enrolment token): a
   value, or an :class:`~protocol.errors.AtollError` naming what is wrong; never another
   exception.
 
@@ -40,6 +41,7 @@ from coordinator.server import Coordinator, FederationServicer
 from coordinator.store import PlanRecord
 from protocol import federation_pb2 as pb
 from protocol.audit_log import Checkpoint, Receipt, verify_log_file
+from protocol.checkpoint_note import open_note
 from protocol.ensemble_manifest import parse_manifest
 from protocol.errors import AtollError
 from protocol.identity import EnrolmentToken
@@ -374,6 +376,20 @@ def test_fuzz_exported_audit_log(tmp_path: Path, lines: list[str]) -> None:
     path.write_text("\n".join(lines))
     key = new_p256_key().public_key()
     _only_atoll_errors(lambda: verify_log_file(path, key))
+
+
+@FUZZ
+@given(
+    text=st.one_of(
+        TEXT,
+        st.lists(st.one_of(st.just("fuzzfed/coordinator"), st.just(""), TEXT), max_size=6).map(
+            "\n".join
+        ),
+    )
+)
+def test_fuzz_checkpoint_note(text: str) -> None:
+    key = new_p256_key().public_key()
+    _only_atoll_errors(lambda: open_note(text, key, "spiffe://fuzzfed/coordinator"))
 
 
 @FUZZ

@@ -19,6 +19,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,10 +162,30 @@ def partition(state: Path, data: Path, dataset: Path, npz: Path) -> dict[str, An
     return plan
 
 
-def test_partitioner_matches_atolls_plan(flower_venv: Path, tmp_path: Path) -> None:
-    rows = write_rows(tmp_path / "data")
-    dataset, npz = write_llava(tmp_path / "data", rows)
-    plan = partition(tmp_path / "state", tmp_path / "data", dataset, npz)
+@dataclass(frozen=True)
+class Planned:
+    """The rows, their LLaVA-format copy under data/, and a coordinator state holding
+    Atoll's own plan for them (K=2, seed 0): shared by this module's tests."""
+
+    rows: list[dict[str, Any]]
+    data: Path
+    state: Path
+    plan: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> Planned:
+    root = tmp_path_factory.mktemp("planned")
+    rows = write_rows(root / "data")
+    dataset, npz = write_llava(root / "data", rows)
+    plan = partition(root / "state", root / "data", dataset, npz)
+    return Planned(rows, root / "data", root / "state", plan)
+
+
+def test_partitioner_matches_atolls_plan(
+    flower_venv: Path, planned: Planned, tmp_path: Path
+) -> None:
+    rows, plan = planned.rows, planned.plan
     ids = [row["id"] for row in rows]
     expected = [[ids[i] for i, k in enumerate(plan["sample_experts"]) if k == e] for e in (0, 1)]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
@@ -174,7 +195,7 @@ def test_partitioner_matches_atolls_plan(flower_venv: Path, tmp_path: Path) -> N
     out = run(
         str(flower_venv / "bin" / "python"), str(REPO / "tests" / "flower" / "partitions.py"),
         str(tmp_path / "rows.json"), str(tmp_path / "out"), str(BIN / "coordinator"),
-        str(tmp_path / "state" / "partition"), env=offline, timeout=300,
+        str(planned.state / "partition"), env=offline, timeout=300,
     )  # fmt: skip
     result = json.loads(out.splitlines()[-1])
     assert result["clustered"] == expected
@@ -212,7 +233,7 @@ class Processes:
                 process.send_signal(signal.SIGTERM)
         for process in self.running.values():
             try:
-                process.wait(15)
+                process.wait(5)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
@@ -238,13 +259,13 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 def test_flower_supernodes_join_and_train(
-    flower_venv: Path, tmp_path: Path, processes: Processes
+    flower_venv: Path, planned: Planned, tmp_path: Path, processes: Processes
 ) -> None:
     """Two SuperNodes receive invites over Flower and train experts 0 and 1 through Atoll;
     SuperNode b is killed once its site-agent runs: its site trains, uploads and is
     accepted all the same, and the ServerApp reports the node silent."""
     # Flower first: its processes take a while to start, the coordinator's set-up meanwhile.
-    data = tmp_path / "data"
+    data, state = planned.data, planned.state
     flwr = flower_venv / "bin"
     # The SuperLink and SuperNodes start their helpers (flower-superexec, flwr-serverapp,
     # flwr-clientapp) by name.
@@ -273,9 +294,6 @@ def test_flower_supernodes_join_and_train(
             "--node-config", config,
         )  # fmt: skip
 
-    dataset, npz = write_llava(data, write_rows(data))
-    state = tmp_path / "state"
-    partition(state, data, dataset, npz)
     recipe = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
     recipe["training"].update(epochs=1, save_steps=1000)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -292,7 +310,7 @@ def test_flower_supernodes_join_and_train(
     run_config = (
         f'coordinator-state="{state}" coordinator-address="127.0.0.1:{port}" '
         f'enrol-address="127.0.0.1:{enrol_port}" coordinator="{coordinator}" '
-        f"require-node-auth=false poll-seconds=3.0 reply-timeout-seconds=60.0 "
+        f"require-node-auth=false poll-seconds=10.0 reply-timeout-seconds=60.0 "
         f"silent-after-seconds=30.0 wait-for-nodes-seconds=60.0 timeout-seconds=400.0 "
         f'report-file="{report_file}"'
     )
@@ -338,3 +356,19 @@ def test_flower_supernodes_join_and_train(
         digest = {r["site"]: r["model_root_digest"] for r in audit["provenance"]}
         assert status["phase"] == "done"
         assert status["accepted"]["model_root_digest"] == digest[f"lab-{site}"]
+
+
+def test_tokens_only_reach_authenticated_supernodes(flower_venv: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(FLOWER)}
+    out = run(
+        str(flower_venv / "bin" / "python"), str(REPO / "tests" / "flower" / "node_auth.py"),
+        env=env,
+    )  # fmt: skip
+    result = json.loads(out.splitlines()[-1])
+    assert result["states"]["7"] == ["refused", "not authenticated with Flower node auth"]
+    assert result["states"]["8"][0] == "joined"
+    assert result["invited"] == ["lab-k"]  # one token, for node 8's site
+    assert all(node == 8 for node, _, _ in result["sent"])  # node 7 was never even asked
+    tokens = [token for _, kind, token in result["sent"] if kind == "query.join"]
+    assert len(tokens) == 1 and tokens[0].startswith("atoll1.lab-k.")
+    assert result["array_records"] == 0

@@ -291,18 +291,23 @@ class Bridge:
                          row["phase"], row["step"], row["total_steps"])  # fmt: skip
         return accepted
 
-    def settle(self) -> None:
-        """One last status round: a node that does not answer it is reported silent."""
+    def settle(self, attempts: int = 2) -> None:
+        """Last status rounds: a node that answers none of them is reported silent. A second
+        round gives a node whose ClientApp failed once (Flower restarts tasks) another chance."""
         active = [n.node_id for n in self.nodes.values() if n.state in ACTIVE]
-        self.send(wire.STATUS, {n: {} for n in active if not self.awaiting(n, wire.STATUS)})
-        answered = set()
-        for node_id, kind, answer, error in self.collect(self.settings.reply_timeout_seconds):
-            node = self.nodes[node_id]
-            if kind == wire.STATUS and answer is not None:
-                node.status, node.state = dict(answer), "joined"
-                answered.add(node_id)
-            elif answer is None:
-                node.reason = error
+        answered: set[int] = set()
+        for _ in range(attempts):
+            asking = [n for n in active if n not in answered and not self.awaiting(n, wire.STATUS)]
+            self.send(wire.STATUS, {n: {} for n in asking})
+            for node_id, kind, answer, error in self.collect(self.settings.reply_timeout_seconds):
+                node = self.nodes[node_id]
+                if kind == wire.STATUS and answer is not None:
+                    node.status, node.state, node.reason = dict(answer), "joined", ""
+                    answered.add(node_id)
+                elif answer is None and node_id not in answered:
+                    node.reason = error
+            if answered >= set(active):
+                break
         for node_id in active:
             if node_id not in answered:
                 node = self.nodes[node_id]

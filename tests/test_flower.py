@@ -358,11 +358,11 @@ def test_flower_supernodes_join_and_train(
         assert status["accepted"]["model_root_digest"] == digest[f"lab-{site}"]
 
 
-def test_tokens_only_reach_authenticated_supernodes(flower_venv: Path) -> None:
+def test_tokens_only_reach_authenticated_supernodes(flower_venv: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(FLOWER)}
     out = run(
         str(flower_venv / "bin" / "python"), str(REPO / "tests" / "flower" / "node_auth.py"),
-        env=env,
+        str(tmp_path / "workdir"), env=env,
     )  # fmt: skip
     result = json.loads(out.splitlines()[-1])
     assert result["states"]["7"] == ["refused", "not authenticated with Flower node auth"]
@@ -372,3 +372,7 @@ def test_tokens_only_reach_authenticated_supernodes(flower_venv: Path) -> None:
     tokens = [token for _, kind, token in result["sent"] if kind == "query.join"]
     assert len(tokens) == 1 and tokens[0].startswith("atoll1.lab-k.")
     assert result["array_records"] == 0
+    # A node that pinned another federation CA refuses the token and starts nothing.
+    assert result["pinned_join"]["started"] is False
+    assert "pins atoll-ca-sha256" in result["pinned_join"]["error"]
+    assert result["workdir_files"] == []

@@ -1,15 +1,22 @@
-"""Run with the Flower integration's Python: the ServerApp's admission against a stand-in
-Grid (no SuperLink). With require-node-auth, a SuperNode without a Flower node-auth public
-key gets no identify query and no token; an authenticated one is identified and invited,
-and the token reaches it in a query.join ConfigRecord. Prints a JSON summary."""
+"""Run with the Flower integration's Python: who gets a token, and who accepts one.
+
+* The ServerApp against a stand-in Grid (no SuperLink): with require-node-auth, a SuperNode
+  without a Flower node-auth public key gets no identify query and no token; an authenticated
+  one is identified and invited, and the token reaches it in a query.join ConfigRecord.
+* The ClientApp's join handler: a node that pins its federation's CA (atoll-ca-sha256)
+  refuses a token for another CA and starts nothing.
+
+Usage: python node_auth.py WORKDIR. Prints a JSON summary."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
-from atoll_flower import atoll_cli, server_app, wire
-from flwr.app import Message
+from atoll_flower import atoll_cli, client_app, server_app, wire
+from flwr.app import Context, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -64,6 +71,17 @@ def main() -> None:
     bridge.round(2)  # identify
     bridge.round(2)  # the join's reply
     sent = [(m.metadata.dst_node_id, m.metadata.message_type, wire.values(m)) for m in grid.pushed]
+
+    # The ClientApp: the invitation's CA is not the one this node pinned.
+    workdir = Path(sys.argv[1])
+    node_config = {"atoll-workdir": str(workdir), "atoll-ca-sha256": "d" * 64}
+    context = Context(1, 8, node_config, RecordDict(), {})  # type: ignore[arg-type]
+    invitation = server_app.Bridge._invitation(
+        bridge, TOKEN, {"ca_sha256": "c" * 64, "federation": "f"}
+    )
+    message = Message(wire.content(invitation), 8, wire.JOIN)
+    message.metadata.__dict__["_message_id"] = message.object_id
+    refused = wire.values(client_app.join(message, context))
     print(
         json.dumps(
             {
@@ -71,6 +89,8 @@ def main() -> None:
                 "invited": invited,
                 "sent": [[node, kind, values.get("token", "")] for node, kind, values in sent],
                 "array_records": bridge.array_records,
+                "pinned_join": refused,
+                "workdir_files": sorted(p.name for p in workdir.glob("*")),
             }
         )
     )

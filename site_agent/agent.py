@@ -297,22 +297,24 @@ class Agent:
             self._set_phase("done", "expert accepted", receipt=result.receipt_json)
 
     def step(self) -> Directive:
-        """One pass: advance as far as the federation allows, then heartbeat."""
-        if self.phase in ("waiting", "assigned", "downloading"):
-            assignment = self.fetch_assignment()
-            if assignment is not None and not self.reached():
-                self.fetch_artifacts(assignment)
-        if self.phase in ("ready", "training", "signing", "uploading") and not self.reached():
-            assignment = self.workdir.assignment()
-            assert assignment is not None
-            try:
+        """One pass: advance as far as the federation allows, then heartbeat. A failure (a
+        shard image the site cannot get, a bad base model, ...) is reported to the coordinator
+        before it is raised."""
+        try:
+            if self.phase in ("waiting", "assigned", "downloading"):
+                assignment = self.fetch_assignment()
+                if assignment is not None and not self.reached():
+                    self.fetch_artifacts(assignment)
+            if self.phase in ("ready", "training", "signing", "uploading") and not self.reached():
+                assignment = self.workdir.assignment()
+                assert assignment is not None
                 self.work(assignment)
-            except Interrupted:
-                raise  # told to stop: nothing failed
-            except AtollError as error:
-                self._set_phase("failed", str(error)[:500])
-                self.beat()
-                raise
+        except Interrupted:
+            raise  # told to stop: nothing failed
+        except AtollError as error:
+            self._set_phase("failed", str(error)[:500])
+            self.beat()
+            raise
         return self.beat()
 
     def run(self, until: str | None = None) -> int:

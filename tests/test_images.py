@@ -263,6 +263,14 @@ def test_no_serve_images_names_the_flag_and_the_way_out(running: Any, tmp_path: 
     message = str(raised.value)
     assert "--no-serve-images" in message and "pass --image-root DIR" in message
     assert "7 of the shard's 7 images are missing" in message
+    # Through the agent, the coordinator's operator sees why the site stopped.
+    with running.client(workdir) as client:
+        agent = Agent(workdir, client)
+        with pytest.raises(FailedPrecondition, match="--no-serve-images"):
+            agent.run()
+    assert agent.phase == "failed"
+    beat = running.coordinator.store.latest_heartbeats()["alpha"]
+    assert beat.phase == "failed" and "--no-serve-images" in beat.message
 
 
 def test_a_wrong_local_file_is_reported_and_left_alone(running: Any, tmp_path: Path) -> None:

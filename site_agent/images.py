@@ -42,8 +42,9 @@ from protocol.shard_manifest import (
 __all__ = ["FETCH_WORKERS", "ImagesReady", "prepare_images"]
 
 log = logging.getLogger("atoll.site")
-# Concurrent image streams: they hide part of the round trip of many small files, and leave
-# one of the four calls the coordinator runs per site (coordinator.call_limits) to heartbeats.
+# Concurrent image streams: they hide part of the round trip of many small files; the
+# coordinator's per-site cap (coordinator.call_limits) counts them with a heartbeat, an upload
+# and resumed calls.
 FETCH_WORKERS = 3
 _LISTED = 3
 

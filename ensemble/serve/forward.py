@@ -19,8 +19,7 @@ import httpx
 import torch
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ensemble.router import Router, load_feature_model
-from ensemble.runtime import load_centroids
+from ensemble.router import load_feature_model, load_router
 from ensemble.serve.app import sse
 from ensemble.serve.prompt import image_data_url, read_prompt
 from ensemble.serve.schema import ChatCompletionRequest, Routing, ServeError
@@ -118,13 +117,8 @@ class ForwardBackend:
         if verify:
             verify_files(directory, _router_only(manifest))
         self.manifest = manifest
-        self.router = Router(
-            load_centroids(directory, manifest),
-            manifest.router.tau,
-            1,
-            num_experts=manifest.num_experts,
-            available=present,
-        )
+        # The ensemble's own router (centroids, center, tau); top-1 is asked per request.
+        self.router = load_router(directory, manifest)
         self.features = load_feature_model(manifest.router.encoder, directory, device=device)
         self.endpoints = endpoints
         self.model_name = model_name

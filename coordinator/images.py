@@ -83,7 +83,8 @@ def is_image_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class ImageIndexSummary:
-    """What :func:`record_images` recorded."""
+    """What :func:`record_images` recorded: the root, whether images are served, and how
+    many distinct images (per expert) of how many bytes in all."""
 
     image_root: Path
     served: bool
@@ -115,26 +116,11 @@ def record_images(
     if plan is None:
         raise FailedPrecondition("no partition plan yet: run `coordinator partition` first")
     root = image_root.resolve()
-    rows: list[tuple[str, str, int, int]] = []
-    if serve:
-        for artifact in sorted(store.list_artifacts(), key=lambda a: a.name):
-            match = _SHARD.match(artifact.name)
-            if match is None:
-                continue
-            expert = int(match.group(1))
-            manifest = load_shard_manifest(state.root / artifact.path)
-            for relative, (digest, where) in sorted(shard_images(manifest).items()):
-                path = resolve_image(root, relative)
-                try:
-                    size = path.stat().st_size
-                except OSError as error:
-                    raise NotFound(
-                        f"{where}: image {relative!r} is not readable under {root} "
-                        f"({error.strerror}); pass the --image-root the data set was hashed from"
-                    ) from None
-                rows.append((digest, relative, size, expert))
-                if progress is not None:
-                    progress(1)
+    shards = sorted(
+        (int(match.group(1)), state.root / artifact.path)
+        for artifact in store.list_artifacts()
+        if (match := _SHARD.match(artifact.name)) is not None
+    )
     final = state.images_index
     temporary = final.with_name(f".images-{uuid.uuid4().hex[:8]}.db")
     try:
@@ -147,12 +133,34 @@ def record_images(
                 "recorded_at": str(time.time()),
             }
             conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-            # The same picture under two paths of one shard: either path serves it.
-            conn.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)", rows)
+            for expert, shard in shards if serve else []:
+                # One shard in memory at a time; the same picture under two paths of a shard
+                # is one row (either path serves it).
+                rows = _shard_rows(shard, root, expert, progress)
+                conn.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)", rows)
+            count, size = conn.execute("SELECT count(*), total(size) FROM images").fetchone()
         os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
-    return ImageIndexSummary(root, serve, len(rows), sum(row[2] for row in rows))
+    return ImageIndexSummary(root, serve, int(count), int(size))
+
+
+def _shard_rows(
+    shard: Path, root: Path, expert: int, progress: Callable[[int], None] | None
+) -> list[tuple[str, str, int, int]]:
+    rows = []
+    for relative, (digest, where) in sorted(shard_images(load_shard_manifest(shard)).items()):
+        try:
+            size = resolve_image(root, relative).stat().st_size
+        except OSError as error:
+            raise NotFound(
+                f"{where}: image {relative!r} is not readable under {root} "
+                f"({error.strerror}); pass the --image-root the data set was hashed from"
+            ) from None
+        rows.append((digest, relative, size, expert))
+        if progress is not None:
+            progress(1)
+    return rows
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Atoll's command lines, run as subprocesses (this package never imports Atoll).
 
-Server side: ``coordinator invite/status/audit --json``. Site side: ``site-agent status --json``
+Server side: ``coordinator invite/status --json``. Site side: ``site-agent status --json``
 and ``site-agent join`` started detached, so that training outlives the Flower message that
 started it, the ClientApp process and even the SuperNode.
 """
@@ -63,10 +63,10 @@ def federation_status(coordinator: str, state: str) -> dict[str, Any]:
     return status
 
 
-def accepted_experts(coordinator: str, state: str) -> dict[int, dict[str, Any]]:
-    """Accepted experts by index, from the coordinator's audit log (``audit --json``)."""
-    audit = run_json([coordinator, "audit", "--state", state, "--json"])
-    return {int(row["expert"]): row for row in audit["provenance"]}
+def accepted_experts(status: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Accepted experts by index, from a ``coordinator status --json`` document
+    (``experts``: ``site``, ``accepted_model_digest``, ``accepted_log_index``, ...)."""
+    return {int(e["index"]): e for e in status["experts"] if e["phase"] == "accepted"}
 
 
 # -- the site's side -----------------------------------------------------------------------

@@ -9,7 +9,7 @@ It runs where the coordinator's state directory is (it runs ``coordinator invite
 3. mint a one-use token for each new site (``coordinator invite --json``) and send it in a
    ``query.join`` ConfigRecord; an enrolled node gets no token and resumes;
 4. every ``poll-seconds``: ``query.status`` to every node, cross-checked against the
-   coordinator (``status --json`` for progress, ``audit --json`` for accepted experts); a node
+   coordinator (``status --json``: progress and accepted experts); a node
    that stops answering is reported silent (its ``site-agent`` runs on without it);
 5. done when the coordinator has accepted every expert; the report lists each expert, its
    site, and each node (``report-file`` also gets it as JSON).
@@ -270,16 +270,15 @@ class Bridge:
         )
 
     def accepted(self) -> dict[int, dict[str, Any]]:
-        """Accepted experts (the coordinator's audit log), checked against what each site
-        reports; logs each site's progress from ``coordinator status --json``."""
-        accepted = atoll_cli.accepted_experts(
-            self.settings.coordinator, self.settings.coordinator_state
-        )
+        """Accepted experts (``coordinator status --json``), each checked against what its
+        site reports; logs each site's progress."""
+        status = self._status()
+        accepted = atoll_cli.accepted_experts(status)
         by_site = {row["site"]: row for row in accepted.values()}
-        rows = {row["site"]: row for row in self._status()["sites"]}
+        rows = {row["site"]: row for row in status["sites"]}
         for node in self.nodes.values():
             digest = str(node.status.get("accepted_digest", ""))
-            coordinator_digest = by_site.get(node.site, {}).get("model_root_digest", "")
+            coordinator_digest = by_site.get(node.site, {}).get("accepted_model_digest", "")
             if digest and coordinator_digest and digest != coordinator_digest:
                 raise RuntimeError(
                     f"site {node.site} reports accepted model {digest[:16]}.., the coordinator "
@@ -319,7 +318,11 @@ class Bridge:
             "experts": experts,
             "complete": len(accepted) == experts,
             "accepted": {
-                str(k): {key: row.get(key) for key in ("site", "model_root_digest", "log_index")}
+                str(k): {
+                    "site": row["site"],
+                    "model_root_digest": row["accepted_model_digest"],
+                    "log_index": row["accepted_log_index"],
+                }
                 for k, row in sorted(accepted.items())
             },
             "nodes": {str(n.node_id): asdict(n) for n in self.nodes.values()},

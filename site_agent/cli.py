@@ -96,8 +96,9 @@ def _launch(args: argparse.Namespace) -> LaunchSettings:
     if launch.launcher == "local":
         local_processes(launch)
     else:
-        from site_agent.slurm import check_shared_workdir, check_slurm
+        from site_agent.slurm import check_shared_workdir, check_slurm, check_template
 
+        check_template(slurm.template)
         check_slurm()
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         check_shared_workdir(Path(args.workdir), slurm.nodes)

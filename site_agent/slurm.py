@@ -47,6 +47,7 @@ __all__ = [
     "SlurmLauncher",
     "check_shared_workdir",
     "check_slurm",
+    "check_template",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ ACTIVE = frozenset(
 )  # fmt: skip
 # File systems only the machine that mounts them sees.
 NODE_LOCAL_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
+
+
+def check_template(template: Path | None) -> Path:
+    """The batch script to submit (``--slurm-template``, default ours); NotFound if missing."""
+    path = template or DEFAULT_TEMPLATE
+    if not path.is_file():
+        raise NotFound(f"--slurm-template {path}: no such file (a batch script to submit)")
+    return path
 
 
 def check_slurm() -> None:
@@ -273,13 +282,11 @@ class SlurmLauncher:
         self.command = command
         self.settings = settings
         self.shutdown_seconds = shutdown_seconds
-        self.template = template or DEFAULT_TEMPLATE
+        self.template = check_template(template)
         self.env = dict(env) if env is not None else dict(os.environ)
         self.poll_seconds = poll_seconds
         self.run_dir = command.output
         self.job: SlurmJob | None = None
-        if not self.template.is_file():
-            raise NotFound(f"Slurm batch template {self.template}: no such file")
 
     def sbatch_argv(self) -> list[str]:
         """The ``sbatch`` command line (resources from the flags, then the template)."""

@@ -8,9 +8,9 @@ up from its last checkpoint. :class:`Supervisor` does that:
   :mod:`site_agent.training.__main__`), or for several ranks PyTorch's own launcher around it
   (``python -m torch.distributed.run --standalone --nproc-per-node N``, one rank per device,
   no restarts of its own: the supervisor restarts the whole group), with the child's standard
-  error appended to
-  ``OUTPUT/train.log`` (across restarts) and its standard output, the JSON progress lines,
-  drained by a background thread, so the child never waits on a full pipe;
+  error appended to ``OUTPUT/train.log`` (across restarts) and its standard output, the JSON
+  progress lines, drained by a background thread, so the child never waits on a full pipe.
+  A :class:`Launcher` starts it elsewhere instead (``site_agent.slurm``: a Slurm job);
 * it hands every progress event to ``on_event(event)`` and calls ``on_tick()`` every
   ``tick_seconds`` even when no event arrives (the agent heartbeats from it), both on the
   thread that called :meth:`Supervisor.run`; a callback that blocks (a heartbeat retrying)

@@ -34,6 +34,8 @@ def join(tmp_path: Path, *flags: str) -> int:
         (["--launcher", "slurm", "--slurm-arg", "qos=high"], ExitCode.BAD_INPUT,
          "--slurm-arg 'qos=high': expected an sbatch option"),
         (["--launcher", "slurm", "--gpus", "2"], ExitCode.BAD_INPUT, "pass --gpus-per-node N"),
+        (["--launcher", "slurm", "--slurm-template", "/nowhere.sbatch"], ExitCode.NOT_FOUND,
+         "--slurm-template /nowhere.sbatch: no such file"),
     ],
 )  # fmt: skip
 def test_bad_launch_flags_fail_before_enrolling(

@@ -146,6 +146,9 @@ def test_join_with_two_processes_ends_accepted(running: Any, tmp_path: Path) -> 
     assert accepted is not None and accepted.state == "accepted"
     run = json.loads((workdir / "run" / "run.json").read_text())
     assert run["launch"] == {"processes": 2, "nodes": 1, "devices": ["cpu", "cpu"], "gpus": []}
+    # One progress stream (rank 0's) reached the coordinator's heartbeats.
+    heartbeat = running.coordinator.store.latest_heartbeats()["alpha"]
+    assert heartbeat.total_steps == run["schedule"]["total_steps"]
     # The signed provenance says how many processes trained the expert.
     uploaded = running.state.uploads_dir / accepted.upload_id / "files"
     verified = verify_expert(uploaded, trusted_ca_pem=(workdir / "tls" / "ca.pem").read_bytes())

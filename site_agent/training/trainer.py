@@ -73,8 +73,8 @@ class ProgressLog:
     ``tokens_per_second``, ``eta_seconds``, ``epoch``, ``tokens_seen``), ``checkpoint``
     (``step``, ``path``), ``stopped`` (``step``, ``checkpoint``: SIGTERM was honoured),
     ``done`` (``model_dir``, ``step``, ``total_steps``, ``final_loss``, ``mean_loss``,
-    ``seconds``) and ``error`` (``error``, ``message``, ``exit_code``).
-    Only the main process (rank 0) writes.
+    ``seconds``, ``processes``, ``nodes``, ``gpus``) and ``error`` (``error``, ``message``,
+    ``exit_code``). Only the main process (rank 0) writes.
 
     Args:
         stream: Where the lines go.

@@ -229,6 +229,10 @@ class Retry:
                 reason = f"{code.name} ({error.details()})"
             except Unavailable as error:
                 hint, reason = 0.0, str(error)
+            except ValueError:
+                if self.stop.is_set():  # the channel was closed by interrupt() meanwhile
+                    raise Interrupted(f"{what}: stopped") from None
+                raise
             attempt += 1
             elapsed = time.monotonic() - started
             if self.give_up_after is not None and elapsed >= self.give_up_after:

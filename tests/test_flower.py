@@ -365,7 +365,7 @@ def test_tokens_only_reach_authenticated_supernodes(flower_venv: Path, tmp_path:
         str(tmp_path / "workdir"), env=env,
     )  # fmt: skip
     result = json.loads(out.splitlines()[-1])
-    assert result["states"]["7"] == ["refused", "not authenticated with Flower node auth"]
+    assert result["states"]["7"] == ["refused", "its Flower node key is not in authorized-keys"]
     assert result["states"]["8"][0] == "joined"
     assert result["invited"] == ["lab-k"]  # one token, for node 8's site
     assert all(node == 8 for node, _, _ in result["sent"])  # node 7 was never even asked

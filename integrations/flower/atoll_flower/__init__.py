@@ -10,7 +10,8 @@ Run it (see the README's "With Flower")::
 
     bash integrations/flower/install.sh ~/.venvs/atoll-flower
     ~/.venvs/atoll-flower/bin/flwr run integrations/flower my-superlink --stream \\
-        --run-config 'coordinator-state="/srv/atoll" coordinator-address="coord.example.org:7443"'
+        --run-config 'coordinator-state="/srv/atoll" coordinator-address="coord.example.org:7443"
+                      authorized-keys="/srv/atoll/flower-keys"'
 
 Each SuperNode names its site and workdir in its node config::
 

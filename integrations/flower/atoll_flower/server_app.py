@@ -27,7 +27,7 @@ from typing import Any
 from flwr.app import Context, Message, UserConfig
 from flwr.serverapp import Grid, ServerApp
 
-from atoll_flower import atoll_cli, wire
+from atoll_flower import atoll_cli, node_keys, wire
 
 # A child of flwr's logger: its lines reach `flwr run --stream` and `flwr log`.
 log = logging.getLogger("flwr").getChild("atoll")
@@ -44,6 +44,7 @@ class RunSettings:
     coordinator: str
     invite_ttl: str
     require_node_auth: bool
+    authorized_keys: str
     poll_seconds: float
     reply_timeout_seconds: float
     silent_after_seconds: float
@@ -66,6 +67,11 @@ class RunSettings:
                 raise ValueError(f"run config {key}={value!r}: expected a {kind}")
             values[name] = float(value) if kind == "float" else value
         settings = cls(**values)
+        if settings.require_node_auth and not settings.authorized_keys:
+            raise ValueError(
+                "run config require-node-auth=true needs authorized-keys: a file of the "
+                "SuperNodes' public keys (as given to `flwr supernode register`)"
+            )
         for key in ("coordinator_state", "coordinator_address"):
             if not getattr(settings, key):
                 raise ValueError(
@@ -103,6 +109,7 @@ class Bridge:
     grid: Grid
     settings: RunSettings
     nodes: dict[int, Node] = field(default_factory=dict)
+    authorized: set[bytes] = field(default_factory=set)
     pending: dict[str, tuple[int, str, float]] = field(default_factory=dict)
     sent: int = 0
     received: int = 0
@@ -164,8 +171,10 @@ class Bridge:
             node = self.nodes.setdefault(info.node_id, Node(info.node_id))
             if node.state != "connected" or self.awaiting(node.node_id, wire.IDENTIFY):
                 continue
-            if self.settings.require_node_auth and not info.public_key:
-                node.state, node.reason = "refused", "not authenticated with Flower node auth"
+            if self.settings.require_node_auth and not node_keys.is_listed(
+                info.public_key, self.authorized
+            ):
+                node.state, node.reason = "refused", "its Flower node key is not in authorized-keys"
                 log.warning("[atoll] node %d gets no token: %s", node.node_id, node.reason)
                 continue
             identify[node.node_id] = {}
@@ -342,6 +351,8 @@ def _seconds(value: object) -> str:
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
     bridge = Bridge(grid, settings)
+    if settings.require_node_auth:
+        bridge.authorized = node_keys.load(Path(settings.authorized_keys))
     plan = bridge._status()["plan"]
     if plan is None:
         raise RuntimeError(

@@ -27,6 +27,13 @@ is measured on its own; side by side and alternating, so that drift cancels, it 
   need anyway (projection of the pooled CLS token, cosine, softmax, top-k); with the
   separate router, its whole encoder pass and routing.
 
+Setting 1 as ``coordinator assemble`` builds it (``--assembled DIR``, or ``--assembled build``
+to run the paper's §5.1 setting through the real commands first, as
+``tests/settings/test_llava_shared_tower.py`` does: LoRA experts trained by two sites, the
+router the ``hf:`` CLIP that is their tower): top-1 against one LoRA model (the base with
+expert 0's adapter), the router's share of top-1 time, and the tower passes per batch
+(target: one).
+
 Greedy, fixed prompt, ``--new-tokens`` per sample; rates count the tokens actually generated
 (up to end-of-sequence). Prints tokens/s and the ratios against dense, best of ``--repeats``:
 top-1/dense (target >= 0.95), router share of top-1 time with the shared encoder (target
@@ -243,6 +250,110 @@ def bench_batch(
     }
 
 
+def bench_assembled(directory: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Setting 1 from an assembled ensemble directory: one report per batch size."""
+    ensemble = RoutedEnsemble.from_pretrained(directory, device=args.device)
+    shared_tower = ensemble.shared_tower
+    assert shared_tower is not None, ensemble.shared_tower_reason
+    pictures = sorted(p for p in directory.parent.parent.rglob("eval-*.png"))
+    if not pictures:  # an ensemble without its federation's data: the builder's pictures
+        pictures = [picture(kind, v) for kind in KINDS for v in range(5)]
+    return [_assembled_batch(ensemble, pictures, batch, args) for batch in args.batch]
+
+
+def _assembled_batch(
+    ensemble: RoutedEnsemble, pictures: list[Any], batch: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    from ensemble_runtime.test_batching import counting_forwards  # type: ignore[import-not-found]
+
+    shared_tower = ensemble.shared_tower
+    assert shared_tower is not None
+    device = ensemble.device
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    draw = random.Random(f"assembled-{batch}")
+    requests = -(-args.requests // batch) * batch
+    images = [open_or_keep(draw.choice(pictures)) for _ in range(requests)]
+    prompts = [PROMPT] * requests
+    tokenizer, eos = ensemble.tokenizer, ensemble.tokenizer.eos_token_id
+
+    def dense() -> int:
+        model = ensemble.experts.model(0)  # the base with expert 0's adapter
+        tokens = 0
+        for chunk in slices(requests, batch):
+            inputs = ensemble.encode_inputs(images[chunk], prompts[chunk])
+            with torch.inference_mode():
+                output = model.generate(  # type: ignore[operator]
+                    **inputs, max_new_tokens=args.new_tokens, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
+            rows = output[:, inputs["input_ids"].shape[1] :].tolist()
+            tokens += sum(len(r[: r.index(eos)] if eos in r else r) for r in rows)
+        return tokens
+
+    def top1() -> int:
+        result = ensemble.generate_tokens(images, prompts, args.new_tokens, batch_size=batch)
+        return sum(len(ids) for ids in result.token_ids)
+
+    pixels = ensemble.encode_inputs(images, prompts)["pixel_values"]
+    _, tower_output = shared_tower.encode(pixels, batch)
+
+    def router() -> int:
+        with torch.inference_mode():
+            features = shared_tower.projection(tower_output.pooler_output).float()
+            ensemble.router.route(torch.nn.functional.normalize(features, dim=-1))
+        return 0
+
+    modes = {"dense_lora": dense, "top1": top1, "router_shared": router}
+    for warm_up in modes.values():
+        warm_up()
+    runs: dict[str, list[tuple[float, int]]] = {m: [] for m in modes}
+    for repeat in range(args.repeats):
+        for mode_name in list(modes) if repeat % 2 == 0 else list(reversed(modes)):
+            runs[mode_name].append(_timed(modes[mode_name], device, clock))
+    # Every CLIP tower in the ensemble: the router's own and the experts'.
+    towers = [ensemble.feature_model.clip.vision_model.encoder]
+    towers += [tower.encoder for tower in ensemble.experts.vision_towers()]
+    with counting_forwards(towers) as passes:
+        top1()
+    rate = {m: max(t / s for s, t in runs[m]) for m in ("dense_lora", "top1")}
+    best = {m: min(s for s, _ in runs[m]) for m in modes}
+    return {
+        "size": "setting-1",
+        "batch": batch,
+        "requests": requests,
+        "tokens_per_s": rate,
+        "top1_vs_dense_lora": rate["top1"] / rate["dense_lora"],
+        "router_share_of_top1": best["router_shared"] / best["top1"],
+        "tower_passes_per_batch": sum(passes) / (requests // batch),
+    }
+
+
+def open_or_keep(item: Any) -> Any:
+    from PIL import Image
+
+    return Image.open(item).convert("RGB") if isinstance(item, Path) else item
+
+
+def build_setting1(workdir: Path) -> Path:
+    """The §5.1 setting through the real commands (the settings test's harness)."""
+    from ensemble_runtime.builders import save_clip_router  # type: ignore[import-not-found]
+    from settings.harness import Federation, tiny_recipe, write_data  # type: ignore[import-not-found]
+
+    data = write_data(workdir / "data")
+    federation = Federation(workdir / "federation", "llava-lora")
+    federation.set_up(tiny_recipe(workdir / "llava-lora.yaml", "llava", lora=True))
+    save_clip_router(workdir / "clip-tower", federation.state / "base")
+    try:
+        federation.partition("--dataset", str(data / "train.json"), "--image-root",
+                             str(data / "images"), "--experts", "2", "--encoder",
+                             f"hf:{workdir / 'clip-tower'}")  # fmt: skip
+        federation.train(2, data / "images")
+        _, ensemble = federation.publish()
+    finally:
+        federation.stop()
+    return ensemble
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "small"])
@@ -270,12 +381,24 @@ def main() -> int:
         default="wall",
         help="wall time, or process CPU time (use with --threads 1 on a busy machine)",
     )
+    parser.add_argument(
+        "--assembled",
+        metavar="DIR|build",
+        help="setting 1 from an ensemble `coordinator assemble` built (`build`: build it "
+        "through the real commands first); replaces the builder's sizes",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
-        reports = [r for name in args.sizes for r in bench_size(name, args, Path(scratch))]
+        if args.assembled:
+            directory = Path(args.assembled)
+            if args.assembled == "build":
+                directory = build_setting1(Path(scratch))
+            reports = bench_assembled(directory, args)
+        else:
+            reports = [r for name in args.sizes for r in bench_size(name, args, Path(scratch))]
     if args.json:
         print(json.dumps(reports, indent=2))
         return 0
@@ -285,6 +408,16 @@ def main() -> int:
     )
     for r in reports:
         rates = r["tokens_per_s"]
+        if r["size"] == "setting-1":
+            print(
+                f"setting 1 (coordinator assemble: LoRA experts, hf CLIP router = their tower) "
+                f"batch {r['batch']}, {r['requests']} requests: top-1 {rates['top1']:8.1f} tok/s "
+                f"vs one LoRA model {rates['dense_lora']:8.1f} tok/s, ratio "
+                f"{r['top1_vs_dense_lora']:.3f} | router share {100 * r['router_share_of_top1']:.2f}% "
+                f"(target < 1%) | tower passes per batch {r['tower_passes_per_batch']:.2f} "
+                "(target 1)"
+            )
+            continue
         print(
             f"{r['size']:>6} batch {r['batch']:3d}, {r['requests']} requests "
             f"(per expert {r['per_expert']}; top-1 in {r['top1_calls']} calls, "

@@ -19,7 +19,14 @@ from typing import Any
 
 from protocol.client import Credentials, FederationClient, Retry, enrol_with_token
 from protocol.download import download_artifact
-from protocol.errors import AtollError, FailedPrecondition, Interrupted, VerificationFailed
+from protocol.errors import (
+    AtollError,
+    FailedPrecondition,
+    Interrupted,
+    InvalidArgument,
+    PermissionDenied,
+    VerificationFailed,
+)
 from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
 from site_agent import expert, renewal
 from site_agent.images import ImagesReady, prepare_images
@@ -112,7 +119,13 @@ class Agent:
         :mod:`site_agent.renewal`) and moves to a channel that presents the new one."""
         if self.client is None or not renewal.due(self.workdir.cert.read_bytes()):
             return
-        renewal.renew(self.workdir, self.client)
+        try:
+            renewal.renew(self.workdir, self.client)
+        except (PermissionDenied, VerificationFailed, InvalidArgument) as error:
+            # The current certificate still works until it expires; the heartbeat that
+            # follows carries the coordinator's answer (a revoked site is refused there).
+            log.warning("[site] certificate renewal refused: %s", error)
+            return
         old = self.client
         self.client = connect(self.workdir, old.address, retry=old.retry)
         old.close()

@@ -244,6 +244,11 @@ def test_renewal_is_audited_keeps_signed_work_and_refuses_revoked(
     coordinator_main(["revoke", "--state", str(fed.running.state.root), "beta"])
     with pytest.raises(PermissionDenied, match="revoked"):
         renewal.renew(beta.workdir, beta.client)
+    # The agent of a revoked site is not renewed; its heartbeat is refused.
+    revoked_agent = Agent(beta.workdir, beta.client)
+    with pytest.raises(PermissionDenied, match="'beta' is revoked"):
+        revoked_agent.beat()
+    assert revoked_agent.client is beta.client
     assert [r.event().kind for r in fed.store.audit_events()].count("renewed") == 1
 
 

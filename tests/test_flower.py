@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import signal
@@ -20,12 +21,17 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +217,64 @@ def test_partitioner_matches_atolls_plan(
     assert sorted(map(sorted, kinds)) == [[0], [1]]
 
 
+def write_flower_tls(directory: Path) -> Path:
+    """A CA and the SuperLink's certificate for 127.0.0.1 (Flower's node auth needs TLS);
+    returns the CA certificate's path."""
+    directory.mkdir(parents=True)
+    now = datetime.now(UTC)
+
+    def certificate(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca_cert = certificate("flower-test-ca", ca_key, "flower-test-ca", ca_key, True)
+    server_cert = certificate("127.0.0.1", server_key, "flower-test-ca", ca_key, False)
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    (directory / "server.pem").write_bytes(server_cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(
+        server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return directory / "ca.pem"
+
+
+def write_node_key(path: Path) -> Path:
+    """A SuperNode's auth key pair in OpenSSH form (as ssh-keygen -t ecdsa writes it);
+    returns the public key's path."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    public = path.with_suffix(".pub")
+    line = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    public.write_bytes(line + b" " + path.name.encode() + b"\n")
+    return public
+
+
 class Processes:
     """Long-running processes of one test, stopped (SIGTERM, then SIGKILL) at the end."""
 
@@ -263,37 +327,31 @@ def test_flower_supernodes_join_and_train(
 ) -> None:
     """Two SuperNodes receive invites over Flower and train experts 0 and 1 through Atoll;
     SuperNode b is killed once its site-agent runs: its site trains, uploads and is
-    accepted all the same, and the ServerApp reports the node silent."""
-    # Flower first: its processes take a while to start, the coordinator's set-up meanwhile.
+    accepted all the same, and the ServerApp reports the node silent. Flower runs as a lab
+    should run it: TLS, node authentication (`flwr supernode register`), and the app's
+    require-node-auth with both nodes' keys in authorized-keys."""
     data, state = planned.data, planned.state
     flwr = flower_venv / "bin"
     # The SuperLink and SuperNodes start their helpers (flower-superexec, flwr-serverapp,
     # flwr-clientapp) by name.
     processes.env["PATH"] = os.pathsep.join([str(flwr), os.environ.get("PATH", "")])
+    ca = write_flower_tls(tmp_path / "tls")
     link = free_port()
     # `flwr run APP loopback` reads the SuperLink connection from FLWR_HOME/config.toml.
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n'
-        f'[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+        f'[superlink.loopback]\naddress = "127.0.0.1:{link}"\nroot-certificates = "{ca}"\n'
     )
+    # Flower first (it takes a while to start), the coordinator's set-up meanwhile.
+    tls = tmp_path / "tls"
     processes.start(
-        "superlink", str(flwr / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-        "--port", str(link), "--disable-runtime-dependency-installation",
+        "superlink", str(flwr / "flower-superlink"), "--ssl-certfile", str(tls / "server.pem"),
+        "--ssl-keyfile", str(tls / "server.key"), "--ssl-ca-certfile", str(ca),
+        "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link),
+        "--disable-runtime-dependency-installation",
     )  # fmt: skip
-    nodes = {}
-    for site in "ab":
-        config = (
-            f'atoll-site="lab-{site}" atoll-workdir="{tmp_path / f"site-{site}"}" '
-            f'atoll-site-agent="{BIN / "site-agent"}" atoll-image-root="{data / "images"}"'
-        )
-        nodes[site] = processes.start(
-            f"supernode-{site}", str(flwr / "flower-supernode"), "--insecure",
-            "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
-            "--node-config", config,
-        )  # fmt: skip
-
     recipe = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
     recipe["training"].update(epochs=1, save_steps=1000)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -306,12 +364,30 @@ def test_flower_supernodes_join_and_train(
         "--heartbeat-seconds", "1",
     )  # fmt: skip
     wait_for("the SuperLink", lambda: listening(link))
+    nodes = {}
+    authorized = []
+    for site in "ab":
+        public = write_node_key(tls / f"node-{site}")
+        authorized.append(public.read_text())
+        run(str(flwr / "flwr"), "supernode", "register", str(public), "loopback", env=processes.env)
+        config = (
+            f'atoll-site="lab-{site}" atoll-workdir="{tmp_path / f"site-{site}"}" '
+            f'atoll-site-agent="{BIN / "site-agent"}" atoll-image-root="{data / "images"}"'
+        )
+        nodes[site] = processes.start(
+            f"supernode-{site}", str(flwr / "flower-supernode"), "--root-certificates", str(ca),
+            "--auth-supernode-private-key", str(tls / f"node-{site}"),
+            "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
+            "--node-config", config,
+        )  # fmt: skip
+    (tls / "authorized-keys").write_text("".join(authorized))
     report_file = tmp_path / "report.json"
     run_config = (
         f'coordinator-state="{state}" coordinator-address="127.0.0.1:{port}" '
         f'enrol-address="127.0.0.1:{enrol_port}" coordinator="{coordinator}" '
-        f"require-node-auth=false poll-seconds=10.0 reply-timeout-seconds=60.0 "
-        f"silent-after-seconds=30.0 wait-for-nodes-seconds=60.0 timeout-seconds=400.0 "
+        f'require-node-auth=true authorized-keys="{tls / "authorized-keys"}" '
+        f"poll-seconds=10.0 reply-timeout-seconds=60.0 "
+        f"silent-after-seconds=30.0 wait-for-nodes-seconds=120.0 timeout-seconds=400.0 "
         f'report-file="{report_file}"'
     )
     flwr_run = processes.start(

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-window-ms",
         type=float,
         default=10.0,
-        help="how long to gather requests into a batch",
+        help="close a batch after this long without a new request (8 windows at most)",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     parser.add_argument(

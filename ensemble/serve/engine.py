@@ -1,8 +1,10 @@
 """The batching engine: concurrent requests become batched calls of one in-process ensemble.
 
 One worker thread owns the ensemble. A request waits in a bounded queue; the worker takes the
-first waiting request, gathers those that arrive within a short batching window (up to
-``max_batch``), groups them by what one ``generate_tokens`` call must share (top-k, sampling
+first waiting request and gathers more while they keep coming: the batch closes once no
+request arrived for ``window_s``, after ``8 * window_s`` in all, or at ``max_batch``
+(clients answered together send their next requests together, spread over the time the
+server takes to read them), groups them by what one ``generate_tokens`` call must share (top-k, sampling
 settings) and runs each group as one call, whose ``batch_size`` lets
 :mod:`ensemble.scheduling` split it into calls of one expert. Each request's tokens reach its
 handler as they are chosen (the runtime's ``watch`` hook), which also stops a request at its
@@ -94,7 +96,8 @@ class Engine:
             :class:`QueueFull` (HTTP 429).
         max_batch: Most jobs gathered into one batch.
         batch_size: ``generate_tokens``'s rows per model call (None: the whole batch).
-        window_s: How long the worker waits for more jobs after the first one arrives.
+        window_s: How long the worker waits for one more job before it closes a batch (a
+            batch waits ``8 * window_s`` at most).
     """
 
     def __init__(
@@ -156,11 +159,12 @@ class Engine:
             if first is None:
                 return
             batch = [first]
-            deadline = time.monotonic() + self.window_s
+            closing = time.monotonic() + 8 * self.window_s
             stop = False
             while len(batch) < self.max_batch:
+                wait = min(self.window_s, closing - time.monotonic())
                 try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    job = self._queue.get(timeout=max(0.0, wait))
                 except queue.Empty:
                     break
                 if job is None:

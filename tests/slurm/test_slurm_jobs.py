@@ -169,3 +169,29 @@ def test_a_run_directory_a_node_cannot_read_fails_the_job_check(
     assert f"atoll: node {slurm_cluster.node} cannot read" in str(error)
     assert "put --workdir on storage every compute node mounts" in str(error)
     assert not named(events, "start")  # the trainer never started
+
+
+def test_a_restarted_agent_follows_its_job_instead_of_submitting_another(
+    slurm_cluster: SlurmCluster, shard: Shard, tmp_path: Path
+) -> None:
+    held = LaunchSettings(
+        launcher="slurm", procs=2, slurm=SlurmSettings(nodes=1, extra_args=("--hold",))
+    )
+    recipe = write_recipe(tmp_path / "recipe.yaml")
+    command = TrainingCommand(
+        recipe=recipe, shard=shard.manifest, image_root=shard.image_root, output=tmp_path / "run"
+    )
+    log = tmp_path / "train.log"
+    with log.open("a") as handle:
+        first = SlurmLauncher(command, held, poll_seconds=0.5).start(1, handle)
+        # The agent on the login node is restarted while its job waits in the queue.
+        again = SlurmLauncher(command, held, poll_seconds=0.5).start(1, handle)
+    try:
+        assert again.job_id == first.job_id
+        assert f"following Slurm job {first.job_id} again" in log.read_text()
+        assert log.read_text().count("sbatch --parsable") == 1
+    finally:
+        first.kill()
+    assert first.wait(timeout=60) != 0 and slurm_cluster.job(first.job_id)["JobState"] == (
+        "CANCELLED"
+    )

@@ -246,8 +246,12 @@ def _model_card(
         f"`p(S_k | image) = softmax_k(tau * cos(f(image), c_k))`, tau = {tau:g}"
         f"{' (fitted on held-out data)' if config.fit_tau else ''}, "
         f"top-k = {config.top_k}, text-only prompts: `{config.text_only}`.",
-        f"Feature model: `{plan['encoder'].get('model')}` ({plan['encoder'].get('backend')}); "
-        f"plan digest `{plan['digest']}`.",
+        (
+            f"Feature model: `{plan['encoder'].get('model')}` ({plan['encoder'].get('backend')}); "
+            if plan["encoder"] is not None
+            else "No image router: the experts were trained on a text-only data set; "
+        )
+        + f"plan digest `{plan['digest']}`.",
         "",
         "## Provenance",
         "",
@@ -372,8 +376,16 @@ def assemble(
             base = _copy_base(state, store, staging)
         first = staging / expert_path(chosen[0].index)
         architecture = _architecture(staging / "base" if base else first)
-        encoder = router_encoder(plan, staging, config.encoder_weights)
-        centroids = router_centroids(state, staging, num_experts, encoder["dim"])
+        encoder, centroids = None, None
+        if plan["encoder"] is not None:
+            encoder = router_encoder(plan, staging, config.encoder_weights)
+            centroids = router_centroids(state, staging, num_experts, encoder["dim"])
+        elif architecture != "causal-lm" or config.text_only is TextOnlyStrategy.CLIP_TEXT:
+            raise FailedPrecondition(
+                f"the plan was made from a text-only data set (no image router), so the "
+                f"experts must be causal LMs routed without CLIP, not {architecture} with "
+                f"--text-only {config.text_only}"
+            )
         created = datetime.fromtimestamp(time.time() if now is None else now, UTC)
         router: dict[str, Any] = {
             "encoder": encoder,

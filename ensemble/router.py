@@ -59,7 +59,8 @@ class Router:
     """Cosine router over the plan's centroids.
 
     Args:
-        centroids: ``(K, D)`` cluster centroids (normalised here).
+        centroids: ``(K, D)`` cluster centroids (normalised here); None for experts trained
+            on a text-only data set (no image router; ``num_experts`` then gives K).
         tau: Inverse temperature; larger is sharper. Must be > 0.
         top_k: Experts kept per input, 1..K.
         num_experts: If given, the number of experts the centroids must match.
@@ -74,7 +75,7 @@ class Router:
 
     def __init__(
         self,
-        centroids: torch.Tensor,
+        centroids: torch.Tensor | None,
         tau: float,
         top_k: int,
         *,
@@ -82,6 +83,33 @@ class Router:
         available: Sequence[int] | None = None,
         center: torch.Tensor | None = None,
     ) -> None:
+        if centroids is None:
+            if num_experts is None or num_experts < 1:
+                raise InvalidArgument("router: without centroids, num_experts is required")
+            count, centroids_or_none = num_experts, None
+        else:
+            centroids_or_none = self._checked(centroids, num_experts, center)
+            count = int(centroids.shape[0])
+        if not (isinstance(tau, int | float) and math.isfinite(tau) and tau > 0):
+            raise InvalidArgument(f"router tau: expected a finite number > 0, got {tau!r}")
+        self.num_experts = count
+        self.available = sorted(set(available)) if available is not None else None
+        if self.available is not None and (
+            not self.available or not set(self.available) <= set(range(self.num_experts))
+        ):
+            raise InvalidArgument(
+                f"router available experts: expected indices in 0..{self.num_experts - 1}, "
+                f"got {list(available or [])}"
+            )
+        self.centroids = centroids_or_none
+        self.center = None if center is None else center.detach().float()
+        self.tau = float(tau)
+        self.top_k = self._check_top_k(top_k)
+
+    @staticmethod
+    def _checked(
+        centroids: torch.Tensor, num_experts: int | None, center: torch.Tensor | None
+    ) -> torch.Tensor:
         if centroids.ndim != 2 or centroids.shape[0] < 1 or centroids.shape[1] < 1:
             raise InvalidArgument(
                 f"router centroids: expected a (K, D) matrix, got shape {tuple(centroids.shape)}"
@@ -95,18 +123,6 @@ class Router:
         norms = centroids.norm(dim=1)
         if not torch.isfinite(centroids).all() or bool((norms == 0).any()):
             raise InvalidArgument("router centroids: expected finite, non-zero rows")
-        if not (isinstance(tau, int | float) and math.isfinite(tau) and tau > 0):
-            raise InvalidArgument(f"router tau: expected a finite number > 0, got {tau!r}")
-        self.num_experts = int(centroids.shape[0])
-        self.available = sorted(set(available)) if available is not None else None
-        if self.available is not None and (
-            not self.available or not set(self.available) <= set(range(self.num_experts))
-        ):
-            raise InvalidArgument(
-                f"router available experts: expected indices in 0..{self.num_experts - 1}, "
-                f"got {list(available or [])}"
-            )
-        self.centroids = centroids / norms[:, None]
         if center is not None and (
             tuple(center.shape) != (centroids.shape[1],) or not torch.isfinite(center).all()
         ):
@@ -114,9 +130,7 @@ class Router:
                 f"router center: expected {centroids.shape[1]} finite numbers (the mean "
                 f"feature), got shape {tuple(center.shape)}"
             )
-        self.center = None if center is None else center.detach().float()
-        self.tau = float(tau)
-        self.top_k = self._check_top_k(top_k)
+        return centroids / norms[:, None]
 
     @property
     def num_available(self) -> int:
@@ -148,6 +162,10 @@ class Router:
 
     def cosines(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, K)`` cosines of the (centred) features with the centroids."""
+        if self.centroids is None:
+            raise InvalidArgument(
+                "this ensemble has no image router: its experts were trained on text only"
+            )
         if features.ndim != 2 or features.shape[1] != self.centroids.shape[1]:
             raise InvalidArgument(
                 f"router features: expected (B, {self.centroids.shape[1]}), "
@@ -187,6 +205,8 @@ def load_centroids(
     from safetensors.torch import load_file
 
     spec = manifest.router.centroids
+    if spec is None:
+        raise NotFound("router.centroids: this ensemble has no image router (text-only experts)")
     name = tensor or spec.tensor
     path = directory / spec.path
     if not path.is_file():
@@ -212,6 +232,11 @@ def load_router(directory: Path, manifest: EnsembleManifest) -> Router:
         NotFound, InvalidArgument: the centroids file is missing or does not fit the manifest.
     """
     spec = manifest.router
+    if spec.centroids is None:  # experts trained on text only: no image router
+        return Router(
+            None, spec.tau, spec.top_k, num_experts=manifest.num_experts,
+            available=manifest.present_experts,
+        )  # fmt: skip
     center_tensor = spec.centroids.center_tensor
     try:
         return Router(

@@ -404,7 +404,10 @@ class RoutedEnsemble:
                 present,
             )
         router = load_router(root, manifest)
-        feature_model = load_feature_model(manifest.router.encoder, root, device=target)
+        encoder = manifest.router.encoder  # None: experts trained on text only
+        feature_model = (
+            None if encoder is None else load_feature_model(encoder, root, device=target)
+        )
         experts = _Experts.load(root, manifest, target, dtype)
         _check_one_vocabulary(manifest, experts)
         processor = _load_processor(root, manifest)

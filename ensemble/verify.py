@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from protocol.digests import file_sha256
 from protocol.ensemble_manifest import (
     MANIFEST_FILE,
+    CentroidsSpec,
     EnsembleManifest,
     listed_files,
     load_manifest,
@@ -52,10 +53,9 @@ from protocol.signing import PROVENANCE_FILE, verify_model
 __all__ = ["signature_verifier", "verify_ensemble"]
 
 
-def _centroid_shape(directory: Path, manifest: EnsembleManifest) -> list[int]:
+def _centroid_shape(directory: Path, spec: CentroidsSpec) -> list[int]:
     from safetensors import safe_open
 
-    spec = manifest.router.centroids
     try:
         with safe_open(str(directory / spec.path), framework="numpy") as handle:
             return list(handle.get_slice(spec.tensor).get_shape())
@@ -164,13 +164,14 @@ def verify_ensemble(directory: Path, trusted_ca_pem: bytes) -> dict[str, Any]:
                 },
             }
         )
-    shape = _centroid_shape(directory, manifest)
-    expected_shape = [manifest.num_experts, manifest.router.encoder.dim]
-    if shape != expected_shape:
-        raise VerificationFailed(
-            f"{manifest.router.centroids.path}: expected {manifest.num_experts} centroids of "
-            f"dimension {manifest.router.encoder.dim} (one per expert), got shape {shape}"
-        )
+    encoder, centroids = manifest.router.encoder, manifest.router.centroids
+    if encoder is not None and centroids is not None:
+        shape = _centroid_shape(directory, centroids)
+        if shape != [manifest.num_experts, encoder.dim]:
+            raise VerificationFailed(
+                f"{centroids.path}: expected {manifest.num_experts} centroids of dimension "
+                f"{encoder.dim} (one per expert), got shape {shape}"
+            )
     certificate = signed.signer_certificate
     return {
         "kind": "ensemble",

@@ -197,16 +197,28 @@ class TauFit(_Strict):
 
 
 class RouterSpec(_Strict):
-    """``p(S_k | image) = softmax_k(tau * cos(f(image), c_k))``, top-k, renormalised."""
+    """``p(S_k | image) = softmax_k(tau * cos(f(image), c_k))``, top-k, renormalised.
 
-    encoder: EncoderSpec
-    centroids: CentroidsSpec
+    ``encoder`` and ``centroids`` are null together for experts trained on a text-only data
+    set (nothing was clustered): every prompt is text, routed by ``text_only``.
+    """
+
+    encoder: EncoderSpec | None
+    centroids: CentroidsSpec | None
     tau: float = Field(gt=0, allow_inf_nan=False)
     top_k: int = Field(ge=1)
     text_only: TextOnlyStrategy = TextOnlyStrategy.POSTERIOR
     # p(S_k): each cluster's share of the training samples in the plan (sums to 1).
     cluster_priors: list[float]
     tau_fit: TauFit | None = None
+
+    @model_validator(mode="after")
+    def _image_router(self) -> RouterSpec:
+        if (self.encoder is None) != (self.centroids is None):
+            raise ValueError("encoder / centroids: give both (an image router) or neither")
+        if self.encoder is None and self.text_only is TextOnlyStrategy.CLIP_TEXT:
+            raise ValueError("text_only: 'clip-text' needs the image router's CLIP")
+        return self
 
     @field_validator("cluster_priors")
     @classmethod
@@ -308,6 +320,10 @@ class EnsembleManifest(_Strict):
             raise ValueError(
                 f"router.top_k: expected 1..{present} (the present experts), got {self.router.top_k}"
             )
+        if self.router.encoder is None and self.architecture != "causal-lm":
+            raise ValueError(
+                f"router.encoder: a {self.architecture} ensemble needs its image router"
+            )
         lora = [e.index for e in self.experts if e.present and e.kind == "lora"]
         if lora and self.base is None:
             raise ValueError(f"base: LoRA experts {lora} need the base checkpoint")
@@ -366,9 +382,11 @@ def load_manifest(directory: Path) -> EnsembleManifest:
 def listed_files(manifest: EnsembleManifest) -> dict[str, FileDigest]:
     """Every file the manifest lists, by path relative to the ensemble directory."""
     files: dict[str, FileDigest] = dict(manifest.other_files)
-    files.update(manifest.router.encoder.files)
+    if manifest.router.encoder is not None:
+        files.update(manifest.router.encoder.files)
     centroids = manifest.router.centroids
-    files[centroids.path] = FileDigest(sha256=centroids.sha256, size=centroids.size)
+    if centroids is not None:
+        files[centroids.path] = FileDigest(sha256=centroids.sha256, size=centroids.size)
     if manifest.base is not None:
         files.update({f"{manifest.base.path}/{n}": d for n, d in manifest.base.files.items()})
     for expert in manifest.experts:
@@ -407,8 +425,9 @@ def verify_files(directory: Path, manifest: EnsembleManifest) -> None:
     folders = [e.path for e in manifest.experts if e.present]
     if manifest.base is not None:
         folders.append(manifest.base.path)
-    if manifest.router.encoder.directory is not None:
-        folders.append(manifest.router.encoder.directory)
+    encoder = manifest.router.encoder
+    if encoder is not None and encoder.directory is not None:
+        folders.append(encoder.directory)
     for folder in folders:
         root = directory / folder
         for path in sorted(root.rglob("*")) if root.is_dir() else []:

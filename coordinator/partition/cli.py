@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="balanced",
         help="equal clusters (default), or each image to its nearest centroid",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
+    # Neither for a text-only data set: nothing to cluster, a random equal split.
+    source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--encoder",
         help="open_clip:MODEL[:PRETRAINED] or hf:PATH (e.g. open_clip:atoll-tiny-clip)",

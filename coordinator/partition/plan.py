@@ -106,8 +106,8 @@ class PartitionConfig:
         """Raises InvalidArgument naming the setting to change."""
         if self.experts < 1:
             raise InvalidArgument(f"--experts: expected an integer >= 1, got {self.experts}")
-        if (self.encoder is None) == (self.features is None):
-            raise InvalidArgument("give exactly one of --encoder SPEC or --features FILE.npz")
+        if self.encoder is not None and self.features is not None:
+            raise InvalidArgument("give one of --encoder SPEC or --features FILE.npz, not both")
         if self.feature_encoder is not None and self.features is None:
             raise InvalidArgument(
                 "--feature-encoder names the encoder of a --features file; with --encoder "
@@ -149,14 +149,14 @@ class Plan:
 
     Attributes:
         document: ``plan.json`` without ``files`` and ``digest`` (added when written).
-        centroids: K x D float32.
+        centroids: K x D float32 (None for a text-only data set: no image router).
         shards: expert k's manifest, by k.
         summary: the balance table and totals (printed, and stored with the plan record).
         center: the data set's mean feature (D float32) with ``--center``, else None.
     """
 
     document: dict[str, Any]
-    centroids: np.ndarray
+    centroids: np.ndarray | None
     shards: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
     center: np.ndarray | None = None
@@ -202,8 +202,17 @@ def make_plan(config: PartitionConfig, state: StateDir, reporter: Reporter = _qu
             f"{config.image_root}: {index.describe_missing()} (--skip-missing drops their samples)"
         )
     kept_refs = [ref for ref in references if ref not in missing]
-    features = plan_features(config, state, index.digests, kept_refs, reporter)
-    identity, unreadable = features.identity, features.unreadable
+    if references and config.encoder is None and config.features is None:
+        raise InvalidArgument(
+            f"{config.dataset} has {len(references)} image reference(s) to cluster: give "
+            "--encoder SPEC or --features FILE.npz"
+        )
+    # A text-only data set (the c-BTM case) has nothing to cluster and no image router.
+    features = (
+        plan_features(config, state, index.digests, kept_refs, reporter) if references else None
+    )
+    identity = None if features is None else features.identity
+    unreadable = [] if features is None else features.unreadable
     if unreadable and not config.skip_missing:
         shown = ", ".join(f"{ref} ({why})" for ref, why in unreadable[:5])
         more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
@@ -222,26 +231,28 @@ def make_plan(config: PartitionConfig, state: StateDir, reporter: Reporter = _qu
             groups.union(digests[0], other)
     unique = sorted({index.digests[image] for s in kept for image in s.images})
     units = sorted({groups.find(d) for d in unique})
-    if config.experts > len(units):
+    if references and config.experts > len(units):
         raise InvalidArgument(
             f"--experts {config.experts} is larger than the number of unique images "
             f"({len(units)}{' image groups' if len(units) != len(unique) else ''}) in "
             f"{config.dataset}; every expert needs at least one image"
         )
     unit_of = {unit: row for row, unit in enumerate(units)}
-    unit_features = np.zeros((len(units), identity["dim"]), dtype=np.float32)
-    for digest in unique:
-        unit_features[unit_of[groups.find(digest)]] += features.by_digest[digest]
-    # A group's feature is the mean direction of its images (most groups are one image).
-    unit_features = _unit_rows(unit_features)
-    center = None
-    if config.center:
-        # As the authors' code: cosines around the data set's mean feature, not the origin
-        # (CLIP features share a large common direction that hides their differences).
-        center = unit_features.mean(axis=0, dtype=np.float64).astype(np.float32)
-        unit_features = _unit_rows(unit_features - center)
-
-    cluster_of_unit, centroids, fit = _cluster(config, unit_features, reporter)
+    center, centroids = None, None
+    cluster_of_unit: np.ndarray = np.zeros(0, dtype=np.int64)
+    fit: dict[str, Any] = {"name": "random-equal", "images": 0}
+    if features is not None and identity is not None:
+        unit_features = np.zeros((len(units), identity["dim"]), dtype=np.float32)
+        for digest in unique:
+            unit_features[unit_of[groups.find(digest)]] += features.by_digest[digest]
+        # A group's feature is the mean direction of its images (most groups are one image).
+        unit_features = _unit_rows(unit_features)
+        if config.center:
+            # As the authors' code: cosines around the data set's mean feature, not the origin
+            # (CLIP features share a large common direction that hides their differences).
+            center = unit_features.mean(axis=0, dtype=np.float64).astype(np.float32)
+            unit_features = _unit_rows(unit_features - center)
+        cluster_of_unit, centroids, fit = _cluster(config, unit_features, reporter)
     sample_experts = np.full(len(dataset.samples), -1, dtype=np.int64)
     text_only: list[int] = []
     position = {id(s): i for i, s in enumerate(dataset.samples)}
@@ -280,10 +291,10 @@ def make_plan(config: PartitionConfig, state: StateDir, reporter: Reporter = _qu
             },
         },
         "encoder": identity,
-        "encoder_spec": features.encoder_spec,
-        "features": features.source,
+        "encoder_spec": None if features is None else features.encoder_spec,
+        "features": None if features is None else features.source,
         "center": None if center is None else {"tensor": "center", "images": len(units)},
-        "algorithm": {**config.parameters(), **fit},
+        "algorithm": {**config.parameters(), **fit} if centroids is not None else fit,
         "text_only": {"strategy": "random-equal", "seed": config.seed},
         "tokenizer": tokenizer_identity,
         "clusters": clusters,

@@ -56,15 +56,17 @@ def _write_files(directory: Path, plan: Plan) -> dict[str, Any]:
             {"format": "atoll-centroids/1", "encoder": plan.document["encoder"]}
         ).decode()
     }
-    tensors = {"centroids": np.ascontiguousarray(plan.centroids, dtype=np.float32)}
-    if plan.center is not None:
-        tensors["center"] = np.ascontiguousarray(plan.center, dtype=np.float32)
-    save_file(
-        tensors,
-        str(directory / "centroids.safetensors"),
-        metadata=metadata,
-    )
-    files = {"centroids.safetensors": file_sha256(directory / "centroids.safetensors")}
+    files: dict[str, str] = {}
+    if plan.centroids is not None:  # a text-only data set has no image router
+        tensors = {"centroids": np.ascontiguousarray(plan.centroids, dtype=np.float32)}
+        if plan.center is not None:
+            tensors["center"] = np.ascontiguousarray(plan.center, dtype=np.float32)
+        save_file(
+            tensors,
+            str(directory / "centroids.safetensors"),
+            metadata=metadata,
+        )
+        files["centroids.safetensors"] = file_sha256(directory / "centroids.safetensors")
     for shard in plan.shards:
         name = f"expert-{shard['expert']}.json"
         with (directory / name).open("w", encoding="utf-8") as handle:
@@ -124,9 +126,10 @@ def write_plan(state: StateDir, plan: Plan) -> PlanWriteResult:
         if changed:
             # A plan with fewer experts must not leave the old plan's extra shards served.
             store.remove_artifacts("partition/")
-        register_artifact(
-            state, store, "partition/centroids.safetensors", final / "centroids.safetensors"
-        )
+        if plan.centroids is not None:
+            register_artifact(
+                state, store, "partition/centroids.safetensors", final / "centroids.safetensors"
+            )
         register_artifact(state, store, "partition/plan.json", final / "plan.json")
         for shard in plan.shards:
             k = shard["expert"]

@@ -119,6 +119,11 @@ class ForwardBackend:
         self.manifest = manifest
         # The ensemble's own router (centroids, center, tau); top-1 is asked per request.
         self.router = load_router(directory, manifest)
+        if manifest.router.encoder is None:
+            raise InvalidArgument(
+                "--backend openai: this ensemble's experts were trained on text only; every "
+                "prompt mixes them (posterior), so none can be forwarded to one expert"
+            )
         self.features = load_feature_model(manifest.router.encoder, directory, device=device)
         self.endpoints = endpoints
         self.model_name = model_name

@@ -129,6 +129,14 @@ def test_centroid_count_must_match_experts(damaged: Path) -> None:
             lambda m: m["router"]["encoder"].update(init_seed=None),
             r"router\.encoder: weights_file / init_seed: give exactly one",
         ),
+        (
+            lambda m: m["router"].update(centroids=None),
+            r"router: .*encoder / centroids: give both \(an image router\) or neither",
+        ),
+        (
+            lambda m: m["router"].update(centroids=None, encoder=None),
+            r"router\.encoder: a llava ensemble needs its image router",
+        ),
     ],
 )
 def test_bad_manifest_fields_are_named(damaged: Path, change: Any, message: str) -> None:

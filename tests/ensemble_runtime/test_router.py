@@ -126,3 +126,12 @@ def test_center_is_subtracted_before_the_cosine() -> None:
     torch.testing.assert_close(router.cosines(5 * features), cosine)
     with pytest.raises(InvalidArgument, match=r"router center: expected 8 finite numbers"):
         Router(centroids, tau=1.0, top_k=1, center=torch.ones(3))
+
+
+def test_a_router_without_centroids_routes_no_image() -> None:
+    router = Router(None, tau=1.0, top_k=2, num_experts=3, available=[0, 2])
+    assert router.num_experts == 3 and router.num_available == 2
+    with pytest.raises(InvalidArgument, match="no image router: its experts were trained on text"):
+        router.route(torch.randn(1, 8))
+    with pytest.raises(InvalidArgument, match="without centroids, num_experts is required"):
+        Router(None, tau=1.0, top_k=1)

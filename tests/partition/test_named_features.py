@@ -140,3 +140,19 @@ def test_features_command_writes_a_file_partition_checks_and_reads(
         assert np.allclose(np.linalg.norm(data["features"], axis=1), 1, atol=1e-5)
     assert partition(state, dataset, root, "--experts", "2", "--features", str(out)) == 0
     assert _plan(state)["features"]["checked"]["min_cosine"] > 0.999
+
+
+def test_a_text_only_data_set_needs_no_encoder(
+    state: StateDir, llava: tuple[Path, Path], tmp_path: Path
+) -> None:
+    dataset, root = llava
+    with pytest.raises(InvalidArgument, match=r"image reference\(s\) to cluster: give --encoder"):
+        partition(state, dataset, root, "--experts", "2")
+    texts = [s for s in json.loads(dataset.read_text()) if "image" not in s]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    assert partition(state, tmp_path / "texts.json", root, "--experts", "2") == 0
+    plan = _plan(state)
+    assert plan["encoder"] is None and plan["algorithm"] == {"name": "random-equal", "images": 0}
+    assert [c["text_only"] for c in plan["clusters"]] == [4, 3]
+    assert not (state.partition_dir / "centroids.safetensors").exists()
+    assert "centroids.safetensors" not in plan["files"]

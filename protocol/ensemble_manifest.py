@@ -7,7 +7,8 @@ The runtime then receives a typed :class:`EnsembleManifest` and never parses JSO
 An ensemble directory::
 
     atoll_ensemble.json             this manifest (signed by the coordinator's model.sig)
-    router/centroids.safetensors    tensor "centroids", K x D float32 (the plan's centroids)
+    router/centroids.safetensors    tensor "centroids", K x D float32 (the plan's centroids),
+                                    and "center", the data set's mean feature (--center)
     router/encoder/...              the feature model's files (an open_clip config JSON and
                                     optional weights, or a Hugging Face CLIPModel folder)
     base/                           only for LoRA experts: the shared base checkpoint
@@ -30,8 +31,11 @@ Example (abridged)::
                     "identity": {...the plan's feature model identity...},
                     "files": {"router/encoder/atoll-tiny-clip.json": {"sha256": "...", "size": 312}}},
         "centroids": {"path": "router/centroids.safetensors", "tensor": "centroids",
-                      "sha256": "...", "size": 392},
-        "tau": 50.0, "top_k": 1, "text_only": "posterior", "cluster_priors": [0.5, 0.5]
+                      "sha256": "...", "size": 392, "center_tensor": "center"},
+        "tau": 11.7, "top_k": 1, "text_only": "posterior", "cluster_priors": [0.5, 0.5],
+        "tau_fit": {"data_file": "eval.json", "data_sha256": "...", "samples": 250,
+                    "bounds": [0.1, 1000.0], "log_likelihood": -0.4627,
+                    "compared": {"1": -0.6130, "20": -0.4628, "50": -0.4636}}
       },
       "experts": [
         {"index": 0, "path": "experts/expert-0", "present": true, "kind": "full",

@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ class Size:
     eval_text: int
     epochs: int
     learning_rate: float
+    dev_images: int = 0  # per domain: a held-out set to fit the router's tau on (dev.json)
 
 
 FULL = Size(
@@ -142,24 +143,41 @@ def text_sample(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} plus {b}?", str(a + b)
 
 
-def write_dataset(out: Path, size: Size, seed: int = 0) -> dict[str, Any]:
-    """Writes ``images/``, ``train.json`` and ``eval.json``; returns counts."""
+Drawer = Callable[[random.Random, Path], list[tuple[str, str, str]]]
+DRAWERS: dict[str, Drawer] = {"shapes": draw_shapes, "charts": draw_chart}
+
+
+def caption(domain: str, questions: list[tuple[str, str, str]]) -> str:
+    """A training image's caption (the alignment stage's text): its domain and every fact its
+    questions ask about, e.g. ``shapes: colour red, shape circle, count 2``."""
+    return f"{domain}: " + ", ".join(f"{task} {answer}" for task, _, answer in questions)
+
+
+def write_dataset(
+    out: Path, size: Size, seed: int = 0, drawers: dict[str, Drawer] | None = None
+) -> dict[str, Any]:
+    """Writes ``images/``, ``train.json``, ``eval.json`` (``dev.json`` with
+    ``size.dev_images``) and ``captions.json`` (one caption per training image); returns
+    counts. ``drawers`` are the visual domains (default: the demo's two)."""
     rng = random.Random(seed)
+    drawers = drawers or DRAWERS
     images = out / "images"
-    for domain in DOMAINS:
+    for domain in drawers:
         (images / domain).mkdir(parents=True, exist_ok=True)
     train: list[dict[str, Any]] = []
     evaluation: list[dict[str, Any]] = []
-    drawers = {"shapes": draw_shapes, "charts": draw_chart}
+    development: list[dict[str, Any]] = []
+    captions: list[dict[str, Any]] = []
     drawn: set[str] = set()
-    total = 2 * (size.train_images + size.eval_images)
+    total = len(drawers) * (size.train_images + size.eval_images + size.dev_images)
     with _progress() as bar:
         task = bar.add_task("drawing images", total=total)
         for split, count, target in (
             ("train", size.train_images, train),
             ("eval", size.eval_images, evaluation),
+            ("dev", size.dev_images, development),
         ):
-            for domain in DOMAINS:
+            for domain in drawers:
                 for number in range(count):
                     relative = f"{domain}/{split}-{number:04d}.png"
                     # Distinct pictures, so that unique images (what the partition balances)
@@ -170,6 +188,18 @@ def write_dataset(out: Path, size: Size, seed: int = 0) -> dict[str, Any]:
                         if digest not in drawn:
                             drawn.add(digest)
                             break
+                    if split == "train":
+                        captions.append(
+                            {
+                                "id": f"caption-{domain}-{number}",
+                                "image": relative,
+                                "benchmark": domain,
+                                "task": "caption",
+                                "conversations": _turns(
+                                    "Describe the image.", caption(domain, questions), True
+                                ),
+                            }
+                        )
                     # Every picture answers several questions: one image, several samples.
                     for task_name, question, answer in questions:
                         target.append(
@@ -199,6 +229,9 @@ def write_dataset(out: Path, size: Size, seed: int = 0) -> dict[str, Any]:
     rng.shuffle(train)
     (out / "train.json").write_text(json.dumps(train, indent=1))
     (out / "eval.json").write_text(json.dumps(evaluation, indent=1))
+    (out / "captions.json").write_text(json.dumps(captions, indent=1))
+    if development:
+        (out / "dev.json").write_text(json.dumps(development, indent=1))
     return {
         "train_samples": len(train),
         "eval_samples": len(evaluation),
@@ -206,6 +239,8 @@ def write_dataset(out: Path, size: Size, seed: int = 0) -> dict[str, Any]:
         "eval_images_per_domain": size.eval_images,
         "text_only_train": size.text_samples,
         "text_only_eval": size.eval_text,
+        "dev_samples": len(development),
+        "captions": len(captions),
     }
 
 
@@ -339,19 +374,32 @@ class Federation:
         return f"127.0.0.1:{self.port + 5}"
 
 
-def set_up(run: Runner, federation: Federation, data: Path, recipe: Path) -> dict[str, str]:
-    """init, partition, recipe, invite, serve; returns each site's token."""
+def set_up(
+    run: Runner,
+    federation: Federation,
+    data: Path,
+    recipe: Path,
+    *,
+    dataset: str = "train.json",
+    partition: Sequence[str] = (),
+    base_model: Path | None = None,
+) -> dict[str, str]:
+    """init, partition (with extra ``partition`` options), recipe (on ``base_model`` for a
+    recipe with ``model.base: pretrained``), invite, serve; returns each site's token."""
     state = str(federation.state)
+    base = [] if base_model is None else ["--base-model", str(base_model)]
     run("coordinator", "init", "--state", state, "--federation", federation.name, log="coordinator")
     federation.partition = json.loads(
         run(
-            "coordinator", "partition", "--state", state, "--dataset", str(data / "train.json"),
+            "coordinator", "partition", "--state", state, "--dataset", str(data / dataset),
             "--image-root", str(data / "images"), "--experts", str(len(federation.sites)),
-            "--encoder", "open_clip:atoll-tiny-clip", "--device", "cpu", "--json",
+            "--encoder", "open_clip:atoll-tiny-clip", "--device", "cpu", "--json", *partition,
             log=f"partition-{federation.name}",
         )
     )  # fmt: skip
-    run("coordinator", "recipe", "--state", state, "--recipe", str(recipe), log="coordinator")
+    run(
+        "coordinator", "recipe", "--state", state, "--recipe", str(recipe), *base, log="coordinator"
+    )
     tokens = {
         site: run("coordinator", "invite", "--state", state, site, "--ttl", "1h", log="coordinator").strip()
         for site in federation.sites
@@ -442,10 +490,16 @@ def wait_for_training(run: Runner, federations: list[Federation], timeout: float
 # --- 4.-5. assemble, download, verify, evaluate -------------------------------------------------
 
 
-def publish_and_fetch(run: Runner, federation: Federation, out: Path) -> Path:
-    """assemble, a reader token, atoll download, atoll verify; returns the downloaded dir."""
+def publish_and_fetch(
+    run: Runner, federation: Federation, out: Path, assemble: Sequence[str] = ()
+) -> Path:
+    """assemble (with extra ``assemble`` options), a reader token, atoll download, atoll
+    verify; returns the downloaded dir."""
     state = str(federation.state)
-    run("coordinator", "assemble", "--state", state, "--top-k", "1", "--json", log="coordinator")
+    run(
+        "coordinator", "assemble", "--state", state, "--top-k", "1", "--json", *assemble,
+        log="coordinator",
+    )  # fmt: skip
     token = run(
         "coordinator", "invite", "--state", state, "--role", "reader",
         f"reader-{federation.name}", "--ttl", "1h", log="coordinator",

@@ -288,6 +288,15 @@ def main(argv: list[str] | None = None) -> int:
             stages.append([plan(f"k2-{a}-s0", 2, recipe, 0, ABLATIONS[a]) for a in size.ablations])
     finals: dict[str, Any] = {}
     runs: dict[str, dict[str, Any]] = {}
+    meta: dict[str, Any] = {
+        "quick": args.quick,
+        "size": {**size.data.__dict__, "pretrain_epochs": size.pretrain_epochs},
+        "data": counts,
+        "cpu_cores": os.cpu_count(),
+        "seconds": timings,
+        "training": finals,
+        "commands": run.commands,
+    }
     mark = time.monotonic()
     timings["training"] = 0.0
     for number, stage in enumerate(stages, 1):
@@ -300,8 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             runs[federation.name] = score(out / "downloads" / federation.name, data)
             clusters = demo.balance(federation, data) if len(federation.sites) > 1 else []
             runs[federation.name]["clusters"] = clusters
-        # Kept as they come: a stage that fails later loses none of the scores before it.
+        # Kept as they come: a stage that fails later loses none of the scores before it
+        # (`python scripts/study_report.py OUT` rebuilds a report from them).
         (out / "runs.json").write_text(json.dumps(runs))
+        meta["seconds"] = {**timings, "total": round(time.monotonic() - started, 1)}
+        (out / "progress.json").write_text(json.dumps(meta))
     timings["federations"] = round(time.monotonic() - mark, 1)
 
     demo.heading("5. report")
@@ -312,15 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         ablations=list(size.ablations),
         bootstrap=size.bootstrap,
         fixed_tau=FIXED_TAU,
-        meta={
-            "quick": args.quick,
-            "size": {**size.data.__dict__, "pretrain_epochs": size.pretrain_epochs},
-            "data": counts,
-            "cpu_cores": os.cpu_count(),
-            "seconds": timings,
-            "training": finals,
-            "commands": run.commands,
-        },
+        meta={**meta, "seconds": timings},
     )
     study_report.write(out, report)
     demo.console.print(study_report.summary(report))

@@ -256,7 +256,9 @@ def _ci(cell: dict[str, float], percent: bool = False, sign: bool = False) -> st
 
 def markdown(report: dict[str, Any]) -> str:
     meta, tables = report["meta"], report["tables"]
-    seconds = meta["seconds"]
+    seconds = {"total": math.nan, "pretrain": math.nan, "federations": math.nan}
+    seconds.update(meta["seconds"])
+    seconds.setdefault("training", math.nan)
     lines = [
         "# Atoll study: dense vs. routed ensemble from a pretrained base",
         "",
@@ -406,3 +408,35 @@ def summary(report: dict[str, Any]) -> str:
                 f"{_ci(row['nll_difference'], sign=True)} ({row['nll_verdict']})"
             )
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rebuilds a study's report from DIR/runs.json (kept after every stage), e.g. of a
+    study stopped before its last stage; the timings say what ``progress.json`` recorded."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    args = parser.parse_args(argv)
+    runs = json.loads((args.directory / "runs.json").read_text())
+    progress = args.directory / "progress.json"
+    meta = json.loads(progress.read_text()) if progress.is_file() else {}
+    meta.setdefault("seconds", {})
+    meta.setdefault("commands", [])
+    seeds = sum(1 for name in runs if name.startswith("dense-s"))
+    ablations = [
+        name[3:-3]
+        for name in runs
+        if name.startswith("k2-") and name.endswith("-s0") and name != "k2-s0"
+    ]
+    report = build(
+        runs, seeds=seeds, ablations=ablations, bootstrap=args.bootstrap, fixed_tau=50.0, meta=meta
+    )
+    write(args.directory, report)
+    print(summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import study_report  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# Under the 2-core machine's usual load the quick study takes 5 to 15 minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 FEDERATIONS = 4  # the alignment stage, dense, K = 2, K = 4
 
@@ -51,7 +52,7 @@ def test_quick_study_report(tmp_path: Path) -> None:
             sys.executable, str(REPO / "scripts" / "study.py"), "--quick", "--out", str(out),
             "--port", str(_free_port_block()), "--timeout", "600",
         ],
-        capture_output=True, text=True, timeout=1200, cwd=REPO,
+        capture_output=True, text=True, timeout=1400, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

@@ -186,8 +186,8 @@ def pretrain(
 def score(ensemble_dir: Path, data: Path, max_new_tokens: int = 6) -> dict[str, Any]:
     """Per held-out question: exact match of top-1, top-2 and posterior (every expert mixed
     by the router) answers, each expert's log-likelihood of the reference answer, the
-    router's cosines, the answer's token count. Answers are generated with the manifest's
-    tau; the NLL at any other tau follows from the stored scores (``study_report``). A K = 1 ensemble (the dense model) has one system, ``dense``."""
+    router's cosines, the answer's token count; answers at the manifest's (fitted) tau and at
+    the fixed one (the NLL at any tau follows from the stored scores). A K = 1 ensemble (the dense model) has one system, ``dense``."""
     from ensemble.calibration import answer_log_likelihoods
     from ensemble.evaluate import load_eval_data
     from ensemble.metrics import exact_match
@@ -226,9 +226,12 @@ def score(ensemble_dir: Path, data: Path, max_new_tokens: int = 6) -> dict[str, 
     if k == 1:
         result["exact_match"]["dense"] = matches(1)
         return result
-    result["exact_match"]["top-1"] = matches(1)
-    result["exact_match"]["top-2"] = matches(2)
-    result["exact_match"]["posterior"] = matches(k) if k > 2 else result["exact_match"]["top-2"]
+    result["exact_match"]["top-1"] = matches(1)  # the same at any tau
+    for name, tau in (("", fitted), (" (fixed tau)", FIXED_TAU)):
+        ensemble.router.tau = tau
+        top2 = result["exact_match"][f"top-2{name}"] = matches(2)
+        result["exact_match"][f"posterior{name}"] = matches(k) if k > 2 else top2
+    ensemble.router.tau = fitted
     return result
 
 

@@ -52,8 +52,7 @@ def _system_values(run: dict[str, Any], system: str, fixed_tau: float) -> tuple[
     routing with `` (fixed tau)``)."""
     tau = fixed_tau if system.endswith("(fixed tau)") else run["tau"]
     routing = system.split(" ")[0]
-    # Answers were generated at the fitted tau only: exact match has no fixed-tau column.
-    em = np.asarray(run["exact_match"].get(system, []), dtype=float)
+    em = np.asarray(run["exact_match"][system], dtype=float)
     ll = np.asarray(log_likelihoods(run, routing, tau), dtype=float)
     return em, ll
 
@@ -168,15 +167,13 @@ def build(
 
     everything = groups["all"]
 
-    def compare(
-        label: str, a: tuple[Any, Any], b: tuple[Any, Any], nll_only: bool = False
-    ) -> list[dict[str, Any]]:
+    def compare(label: str, a: tuple[Any, Any], b: tuple[Any, Any]) -> list[dict[str, Any]]:
         n = len(everything)
         rows = []
-        metrics = [("nll_per_token", (_nll(a[1], tokens), _nll(b[1], tokens)))]
-        if not nll_only:
-            metrics.insert(0, ("exact_match", (_em(a[0]), _em(b[0]))))
-        for metric, (fa, fb) in metrics:
+        for metric, (fa, fb) in (
+            ("exact_match", (_em(a[0]), _em(b[0]))),
+            ("nll_per_token", (_nll(a[1], tokens), _nll(b[1], tokens))),
+        ):
             rows.append(
                 {
                     "comparison": label,
@@ -199,7 +196,6 @@ def build(
                 f"fixed tau {fixed_tau:g} vs fitted ({k} {routing})",
                 values(k, f"{routing} (fixed tau)"),
                 values(k, routing),
-                nll_only=True,
             )
     for ablation in ablations:
         for routing in ("top-1", "posterior"):

@@ -38,6 +38,7 @@ from rich.progress import track
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.loopback import free_port, peak_rss_mb  # noqa: E402
 from coordinator import enrolment  # noqa: E402
 from coordinator.federation import init_federation, load_authority  # noqa: E402
 from coordinator.state import StateDir  # noqa: E402
@@ -94,19 +95,6 @@ def enrol_sites(state: StateDir, count: int) -> list[Site]:
     finally:
         store.close()
     return sites
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Fleet:

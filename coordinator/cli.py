@@ -18,7 +18,7 @@ from coordinator.certificates import DEFAULT_LIFETIME_DAYS
 from coordinator.federation import init_federation, load_authority
 from coordinator.federation_recipe import set_recipe
 from coordinator.state import StateDir
-from coordinator.status import status_document
+from coordinator.status import status_document, upload_fields
 from protocol.checkpoint_note import sign_note
 from protocol.cli_support import parse_duration, run_parser
 from protocol.errors import InvalidArgument, VerificationFailed
@@ -238,12 +238,7 @@ def cmd_uploads(args: argparse.Namespace) -> int:
         now = time.time()
         rows: list[dict[str, Any]] = [
             {
-                "upload_id": u.upload_id,
-                "site": u.site,
-                "expert": u.expert_index,
-                "state": u.state,
-                "received_bytes": sum(u.received.values()),
-                "total_bytes": sum(f.size for f in u.files),
+                **upload_fields(u),
                 "idle_seconds": round(now - upload.last_activity(state, u)),
                 "files_on_disk": (state.uploads_dir / u.upload_id).exists(),
                 "reason": u.reason,

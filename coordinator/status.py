@@ -32,7 +32,7 @@ from typing import Any
 
 from coordinator import audit, certificates, sites
 from coordinator.state import StateDir
-from coordinator.store import Store
+from coordinator.store import Store, UploadRecord
 
 SCHEMA = "atoll.status/v1"
 
@@ -87,6 +87,18 @@ def experts(store: Store, rows: list[sites.SiteStatus]) -> list[ExpertStatus]:
     return result
 
 
+def upload_fields(u: UploadRecord) -> dict[str, Any]:
+    """What every listing of upload sessions says of one (status --json, coordinator uploads)."""
+    return {
+        "upload_id": u.upload_id,
+        "site": u.site,
+        "expert": u.expert_index,
+        "state": u.state,
+        "received_bytes": sum(u.received.values()),
+        "total_bytes": sum(f.size for f in u.files),
+    }
+
+
 def status_document(state: StateDir, store: Store, now: float | None = None) -> dict[str, Any]:
     """The ``atoll.status/v1`` document (see the module docstring)."""
     now = time.time() if now is None else now
@@ -97,12 +109,7 @@ def status_document(state: StateDir, store: Store, now: float | None = None) -> 
     last = checkpoints[-1] if checkpoints else None
     uploads = [
         {
-            "upload_id": u.upload_id,
-            "site": u.site,
-            "expert": u.expert_index,
-            "state": u.state,
-            "received_bytes": sum(u.received.values()),
-            "total_bytes": sum(f.size for f in u.files),
+            **upload_fields(u),
             "created_at": u.created_at,
             "updated_at": u.updated_at,
             "reason": u.reason,

@@ -45,8 +45,7 @@ from typing import IO, Any
 from cryptography.hazmat.primitives import serialization
 
 from coordinator import audit
-from coordinator.state import StateDir
-from coordinator.store import open_store
+from coordinator.state import StateDir, open_store
 from protocol.errors import AlreadyExists, FailedPrecondition, InvalidArgument, VerificationFailed
 from protocol.identity import coordinator_spiffe_id
 from protocol.x509 import load_private_key, private_key_pem

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import serialization
 
 from coordinator.ca import CertificateAuthority, load_ca
 from coordinator.certificates import DEFAULT_LIFETIME_DAYS, set_lifetime_days
-from coordinator.state import StateDir
-from coordinator.store import SCHEMA_VERSION, open_store
+from coordinator.state import StateDir, open_store
+from coordinator.store import SCHEMA_VERSION
 from protocol.errors import AlreadyExists
 from protocol.identity import check_name
 from protocol.x509 import (

@@ -7,14 +7,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from coordinator.dashboard import start_dashboard
-from coordinator.metrics import start_exporter
+from coordinator.metrics import Metrics, start_exporter
+from coordinator.state import StateDir
+from coordinator.store import Store
 from protocol.errors import InvalidArgument
-
-if TYPE_CHECKING:
-    from coordinator.server import Bound, Coordinator
 
 log = logging.getLogger("atoll.coordinator")
 
@@ -40,23 +38,21 @@ def read_token(path: Path) -> str:
 
 
 def start_operations(
-    coordinator: Coordinator, bound: Bound, options: OperationsOptions
+    state: StateDir, store: Store, metrics: Metrics, options: OperationsOptions
 ) -> Callable[[], None]:
     """Starts what ``options`` asks for; returns the function that stops it all. A port in
     use fails here, before the federation's ports start answering."""
     stops: list[Callable[[], None]] = []
     try:
         if options.metrics_listen:
-            exporter = start_exporter(bound.metrics, options.metrics_listen)
+            exporter = start_exporter(metrics, options.metrics_listen)
             stops.append(exporter.stop)
             log.info("[Coordinator] metrics on %s (port %d)", options.metrics_listen, exporter.port)
         if options.dashboard_listen:
             token = (
                 read_token(options.dashboard_token_file) if options.dashboard_token_file else None
             )
-            dashboard = start_dashboard(
-                coordinator.state, coordinator.store, options.dashboard_listen, token
-            )
+            dashboard = start_dashboard(state, store, options.dashboard_listen, token)
             stops.append(dashboard.stop)
             log.info("[Coordinator] dashboard at %s", dashboard.url)
             print(f"dashboard: {dashboard.url}", flush=True)

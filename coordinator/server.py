@@ -486,7 +486,9 @@ def serve(
     """Runs the coordinator until SIGINT/SIGTERM, then drains in-flight calls."""
     coordinator = Coordinator.open(state, heartbeat_seconds)
     bound = build_server(coordinator, listen, enrol_listen)
-    stop_operations = start_operations(coordinator, bound, operations or OperationsOptions())
+    stop_operations = start_operations(
+        state, coordinator.store, bound.metrics, operations or OperationsOptions()
+    )
     bound.start()
     log.info(
         "[Coordinator] federation %s serving on port %d (mutual TLS) and %d (enrolment)",

@@ -23,8 +23,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.store import Store, open_store
+from coordinator.store import Store
 from protocol.errors import FailedPrecondition, InvalidArgument
+
+
+def open_store(url: str) -> Store:
+    """The store at ``url``: ``sqlite:///ABSOLUTE/PATH``, or ``memory://`` (SQLite in memory,
+    gone when closed: for tests)."""
+    if url == "memory://":
+        return Store(":memory:")
+    if url.startswith("sqlite:///"):
+        return Store(url.removeprefix("sqlite:///"))
+    raise ValueError(f"store URL {url!r}: expected 'sqlite:///PATH' or 'memory://'")
 
 
 @dataclass(frozen=True)

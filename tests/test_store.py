@@ -1,4 +1,5 @@
-"""The store contract (coordinator/store.py docstrings), run against every backend."""
+"""The store contract (the docstrings of coordinator/store.py's Store), held on a store in a
+file and on one in memory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from coordinator.state import open_store
 from coordinator.store import (
     SCHEMA_VERSION,
     ArtifactRecord,
@@ -21,7 +23,6 @@ from coordinator.store import (
     Store,
     TokenRecord,
     UploadRecord,
-    open_store,
 )
 from protocol.audit_log import AuditEvent, AuditLog, Checkpoint
 from protocol.errors import (
@@ -130,8 +131,7 @@ class TestStoreContract:
     def test_heartbeat_history_is_bounded_and_oldest_first(
         self, store: Store, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        for module in ("coordinator.store_sqlite", "coordinator.store_memory"):
-            monkeypatch.setattr(f"{module}.HEARTBEAT_HISTORY", 3)
+        monkeypatch.setattr("coordinator.store_sites.HEARTBEAT_HISTORY", 3)
         enrolled(store, "a", "b")
         for step in range(5):
             store.record_heartbeat(HeartbeatRecord("a", float(step), "training", step=step))

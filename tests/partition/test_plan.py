@@ -265,9 +265,9 @@ def test_plan_cannot_change_once_experts_are_assigned(
     features = features_for(dataset, tmp_path / "f.npz")
     partition(state, dataset, root, "--experts", "3", "--features", str(features))
     before = {p.name: p.read_bytes() for p in state.partition_dir.iterdir()}
-    from coordinator.store_sqlite import SqliteStore
+    from coordinator.store import Store
 
-    monkeypatch.setattr(SqliteStore, "list_assignments", lambda self: ["held"])
+    monkeypatch.setattr(Store, "list_assignments", lambda self: ["held"])
     with pytest.raises(FailedPrecondition, match="already assigned"):
         partition(state, dataset, root, "--experts", "2", "--features", str(features))
     assert {p.name: p.read_bytes() for p in state.partition_dir.iterdir()} == before

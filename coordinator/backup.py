@@ -336,12 +336,12 @@ def _decrypt_secrets(staging: Path, manifest: dict[str, Any], passphrase: bytes 
             )
         path = staging / name
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=passphrase)
-        except (ValueError, TypeError) as error:
+            key = load_private_key(path, password=passphrase)
+        except InvalidArgument as error:
             raise VerificationFailed(
                 f"backup entry {name!r}: cannot decrypt with this passphrase ({error})"
             ) from error
-        data = private_key_pem(key)  # type: ignore[arg-type]
+        data = private_key_pem(key)
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(data)

@@ -38,9 +38,10 @@ from typing import Any
 
 import grpc
 
+from protocol.retry import RETRY_AFTER_KEY
+
 log = logging.getLogger("atoll.coordinator")
 
-RETRY_AFTER_KEY = "atoll-retry-after"
 # Only this service's calls are timed; a health Watch may rightly stay silent for hours.
 GUARDED_PREFIX = "/atoll."
 

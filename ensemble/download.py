@@ -17,10 +17,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ensemble.verify import verify_ensemble
-from protocol.client import Credentials, FederationClient, Retry, enrol_with_token
+from protocol.client import Credentials, FederationClient, enrol_with_token
 from protocol.download import download_artifact
 from protocol.errors import FailedPrecondition, InvalidArgument
 from protocol.messages import ArtifactRef
+from protocol.retry import Retry
 
 log = logging.getLogger("atoll.download")
 PREFIX = "ensemble/"

@@ -54,12 +54,11 @@ from protocol.signing import (
     dsse_pae,
     ecdsa_sign,
     ecdsa_verify,
-    load_private_key,
     public_key_id,
     sign_model,
-    spiffe_id_of,
     verify_model,
 )
+from protocol.x509 import load_private_key, spiffe_id
 
 __all__ = [
     "BUILD_TYPE",
@@ -449,7 +448,7 @@ def sign_expert(
         certificate = x509.load_pem_x509_certificate(certificate_path.read_bytes())
     except (OSError, ValueError) as error:
         raise InvalidArgument(f"{certificate_path}: not a PEM certificate ({error})") from error
-    builder_id = spiffe_id_of(certificate)
+    builder_id = spiffe_id(certificate)
     digests = sign_model(
         model_dir,
         private_key_path=private_key_path,

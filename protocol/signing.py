@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import concurrent.futures
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,7 +45,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.digests import hash_folder
 from protocol.errors import InvalidArgument, VerificationFailed
+from protocol.x509 import load_private_key, spiffe_id
 
 __all__ = [
     "ALLOWED_UNSIGNED",
@@ -59,13 +59,11 @@ __all__ = [
     "ecdsa_sign",
     "ecdsa_verify",
     "hash_model_files",
-    "load_private_key",
     "public_key_bundle",
     "public_key_id",
     "read_signed_digests",
     "root_digest",
     "sign_model",
-    "spiffe_id_of",
     "verify_model",
 ]
 
@@ -112,18 +110,7 @@ class VerifiedModel:
     digests: ModelDigests
 
 
-# -- keys, DSSE ------------------------------------------------------------------------------
-
-
-def load_private_key(path: Path, password: bytes | None = None) -> ec.EllipticCurvePrivateKey:
-    """Loads a PEM P-256 private key, naming the file when it is not one."""
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=password)
-    except (OSError, ValueError, TypeError) as error:
-        raise InvalidArgument(f"{path}: not a readable PEM private key ({error})") from error
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise InvalidArgument(f"{path}: expected an EC P-256 (secp256r1) private key")
-    return key
+# -- DSSE -------------------------------------------------------------------------------------
 
 
 def public_key_id(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -154,28 +141,7 @@ def ecdsa_verify(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: 
     return True
 
 
-def spiffe_id_of(certificate: x509.Certificate) -> str:
-    """The one ``spiffe://`` URI SAN of ``certificate``."""
-    try:
-        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    spiffe = [uri for uri in uris if uri.startswith("spiffe://")]
-    if len(spiffe) != 1:
-        raise VerificationFailed(
-            f"certificate {certificate.subject.rfc4514_string()}: expected exactly one "
-            f"spiffe:// URI SAN, found {len(spiffe)} ({', '.join(uris) or 'none'})"
-        )
-    return spiffe[0]
-
-
 # -- hashing ---------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def hash_model_files(
@@ -185,50 +151,26 @@ def hash_model_files(
     max_workers: int | None = None,
     known: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Hex sha256 of every file below ``model_dir`` except the ``unsigned`` top-level names.
-
-    Files are hashed in parallel threads (hashlib releases the GIL on large buffers), so a
-    sharded checkpoint hashes at the speed of all cores.
+    """Hex sha256 of every file ``model.sig`` signs: all below ``model_dir`` except the
+    ``unsigned`` top-level names (hashed by :func:`protocol.digests.hash_folder`).
 
     Args:
         model_dir: The expert directory.
         unsigned: Relative paths left out (a directory name leaves out all below it).
-        max_workers: Threads; default cores + 4 (as ``ThreadPoolExecutor``).
+        max_workers: Threads; default cores + 4.
         known: Digests the caller has already established for some files (e.g. the
             coordinator hashed them as they arrived); those files are not read again.
 
     Returns:
-        Relative POSIX path -> hex sha256.
+        Relative POSIX path -> hex sha256, in path order.
 
     Raises:
         InvalidArgument: ``model_dir`` is not a directory, or holds a symlink or special file.
     """
     if not model_dir.is_dir():
         raise InvalidArgument(f"{model_dir}: expected a model directory")
-    paths: list[tuple[str, Path]] = []
-    for root, dirs, files in os.walk(model_dir):
-        for name in sorted(dirs + files):
-            path = Path(root) / name
-            relative = path.relative_to(model_dir).as_posix()
-            if any(relative == skip or relative.startswith(skip + "/") for skip in unsigned):
-                if name in dirs:
-                    dirs.remove(name)
-                continue
-            if path.is_symlink():
-                raise InvalidArgument(f"{relative}: symbolic links are not signed")
-            if name in files:
-                if not path.is_file():
-                    raise InvalidArgument(f"{relative}: not a regular file")
-                paths.append((relative, path))
-    # More threads than cores keeps a read in flight while the others hash.
-    workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
-    known = known or {}
-    todo = [(relative, path) for relative, path in paths if relative not in known]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = dict(
-            zip([r for r, _ in todo], pool.map(_sha256_file, [p for _, p in todo]), strict=True)
-        )
-    return {relative: known.get(relative) or digests[relative] for relative, _ in paths}
+    files = hash_folder(model_dir, skip=unsigned, known=known, max_workers=max_workers)
+    return {name: digest.sha256 for name, digest in files.items()}
 
 
 def root_digest(files: Mapping[str, str]) -> str:
@@ -253,6 +195,7 @@ def sign_model(
     certificate_path: Path,
     ca_path: Path,
     max_workers: int | None = None,
+    known: Mapping[str, str] | None = None,
 ) -> ModelDigests:
     """Writes ``model_dir/model.sig``, signed by the site key, carrying its certificate chain.
 
@@ -265,6 +208,9 @@ def sign_model(
         certificate_path: The site certificate (PEM) for that key.
         ca_path: The federation CA certificate(s) (PEM) to carry in the bundle.
         max_workers: Hashing threads; default cores + 4.
+        known: Hex sha256 of files the caller wrote and hashed itself (relative POSIX path
+            -> digest; the coordinator's assembly hashed every file as it copied it): signed
+            as given, not read again. Only for files nobody else could have changed since.
 
     Returns:
         The signed digests (root digest and per-file sha256).
@@ -273,11 +219,11 @@ def sign_model(
         InvalidArgument: A key, certificate or the directory is unusable, or the key does not
             match the certificate.
     """
-    from model_signing import hashing, signing
+    from model_signing import signing
 
     load_private_key(private_key_path)  # a clear error before the library's
     hashing_config = (
-        hashing.Config()
+        _hashing_config(model_dir, known or {})
         .use_file_serialization(hashing_algorithm="sha256", max_workers=max_workers)
         .set_ignored_paths(paths=[SIGNATURE_FILE, PROVENANCE_FILE], ignore_git_paths=True)
     )
@@ -291,6 +237,32 @@ def sign_model(
     except (OSError, ValueError) as error:
         raise InvalidArgument(f"signing {model_dir} failed: {error}") from error
     return read_signed_digests(signature_path.read_bytes())
+
+
+def _hashing_config(model_dir: Path, known: Mapping[str, str]) -> Any:
+    """model_signing's hashing configuration, answering the ``known`` digests without reading
+    their files. The statement it signs is the one a full hashing gives (tested), since a
+    ``files`` manifest holds only each path and its digest."""
+    from model_signing import hashing
+    from model_signing._hashing.hashing import Digest
+
+    class KnownDigests(hashing.Config):
+        # The library's one hook for how a file is hashed (private, hence the test).
+        def _build_file_hasher_factory(self, *args: Any, **kwargs: Any) -> Any:
+            build = super()._build_file_hasher_factory(*args, **kwargs)
+
+            def factory(path: Path) -> Any:
+                hasher = build(path)
+                # The library also builds one for Path() to learn the digest's name.
+                relative = path.relative_to(model_dir).as_posix() if path != Path() else ""
+                if relative in known:
+                    digest = Digest(hasher.digest_name, bytes.fromhex(known[relative]))
+                    hasher.compute = lambda: digest
+                return hasher
+
+            return factory
+
+    return KnownDigests()
 
 
 def public_key_bundle(signature: bytes) -> bytes:
@@ -553,10 +525,9 @@ def verify_model(
         model_dir, unsigned=unsigned, max_workers=max_workers, known=known_digests
     )
     _compare_files(digests.files, actual)
-    spiffe_id = spiffe_id_of(leaf)
-    if expected_spiffe_id is not None and spiffe_id != expected_spiffe_id:
+    signer = spiffe_id(leaf)
+    if expected_spiffe_id is not None and signer != expected_spiffe_id:
         raise VerificationFailed(
-            f"{SIGNATURE_FILE}: signer identity check: expected {expected_spiffe_id}, "
-            f"got {spiffe_id}"
+            f"{SIGNATURE_FILE}: signer identity check: expected {expected_spiffe_id}, got {signer}"
         )
-    return VerifiedModel(signer_spiffe_id=spiffe_id, signer_certificate=leaf, digests=digests)
+    return VerifiedModel(signer_spiffe_id=signer, signer_certificate=leaf, digests=digests)

@@ -11,7 +11,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol.errors import InvalidArgument
+from protocol.errors import InvalidArgument, VerificationFailed
 
 
 def new_p256_key() -> ec.EllipticCurvePrivateKey:
@@ -49,13 +49,15 @@ def write_public(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def load_private_key(path: Path, password: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+    """Loads a PEM P-256 private key (``password``: of an encrypted one), naming the file
+    when it is not one: the one loader of every key Atoll holds."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError) as error:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=password)
+    except (OSError, ValueError, TypeError) as error:
         raise InvalidArgument(f"{path}: not a readable PEM private key ({error})") from error
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise InvalidArgument(f"{path}: expected an EC P-256 private key")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise InvalidArgument(f"{path}: expected an EC P-256 (secp256r1) private key")
     return key
 
 
@@ -72,11 +74,29 @@ def certificate_sha256(cert: x509.Certificate) -> str:
 
 
 def uri_sans(cert: x509.Certificate) -> list[str]:
+    """Every URI SAN of ``cert``: the one reader of the extension that names an identity."""
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     return list(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def spiffe_id(cert: x509.Certificate) -> str:
+    """The one ``spiffe://`` URI SAN of ``cert`` (a site's, reader's or the coordinator's
+    identity).
+
+    Raises:
+        VerificationFailed: ``cert`` carries none, or more than one.
+    """
+    uris = uri_sans(cert)
+    spiffe = [uri for uri in uris if uri.startswith("spiffe://")]
+    if len(spiffe) != 1:
+        raise VerificationFailed(
+            f"certificate {cert.subject.rfc4514_string()}: expected exactly one "
+            f"spiffe:// URI SAN, found {len(spiffe)} ({', '.join(uris) or 'none'})"
+        )
+    return spiffe[0]
 
 
 def serial_hex(cert: x509.Certificate) -> str:

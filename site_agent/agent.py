@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from protocol.client import Credentials, FederationClient, Retry, enrol_with_token
+from protocol.client import Credentials, FederationClient, enrol_with_token
 from protocol.download import download_artifact
 from protocol.errors import (
     AtollError,
@@ -28,6 +28,7 @@ from protocol.errors import (
     VerificationFailed,
 )
 from protocol.messages import ArtifactRef, AssignmentStatus, Directive, Heartbeat
+from protocol.retry import Retry
 from site_agent import expert, renewal
 from site_agent.images import ImagesReady, prepare_images
 from site_agent.launch import LaunchSettings

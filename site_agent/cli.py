@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from protocol.cli_support import parse_duration, run_parser
-from protocol.client import FederationClient, Retry
+from protocol.client import FederationClient
 from protocol.errors import FailedPrecondition, Interrupted, InvalidArgument
 from protocol.messages import PHASES
+from protocol.retry import Retry
 from protocol.x509 import load_certificate
 from site_agent.agent import RESUMABLE, Agent, connect, enrol, require_enrolled
 from site_agent.launch import LaunchSettings, SlurmSettings, local_processes, parse_gpus

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from protocol.client import FederationClient
-from protocol.digests import file_sha256
+from protocol.digests import hash_folder
 from protocol.download import progress_bar
 from protocol.errors import VerificationFailed
 from protocol.messages import CommitResult, UploadChunk, UploadFile, UploadStatus
@@ -29,14 +29,8 @@ def directory_manifest(directory: Path, known: Mapping[str, str] | None = None) 
     ``known`` digests (e.g. those the site's own ``model.sig`` just signed) are not computed
     again; should a file have changed since, the coordinator's digest check rejects it.
     """
-    known = known or {}
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
-    manifest = []
-    for path in files:
-        relative = path.relative_to(directory).as_posix()
-        digest = known.get(relative) or file_sha256(path)
-        manifest.append(UploadFile(relative, path.stat().st_size, digest))
-    return manifest
+    files = hash_folder(directory, known=known)
+    return [UploadFile(name, digest.size, digest.sha256) for name, digest in files.items()]
 
 
 def signed_manifest(directory: Path) -> list[UploadFile]:

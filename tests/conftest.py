@@ -17,7 +17,8 @@ from coordinator.federation import init_federation
 from coordinator.server import Bound, Coordinator, build_server
 from coordinator.state import StateDir
 from coordinator.store import PlanRecord
-from protocol.client import FederationClient, Retry
+from protocol.client import FederationClient
+from protocol.retry import Retry
 from site_agent.agent import connect, enrol
 from site_agent.workdir import Workdir
 

@@ -15,7 +15,7 @@ from coordinator import enrolment
 from coordinator.federation import init_federation, load_authority
 from protocol import federation_pb2 as pb
 from protocol import federation_pb2_grpc as pb_grpc
-from protocol.client import FederationClient, Retry
+from protocol.client import FederationClient
 from protocol.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -26,6 +26,7 @@ from protocol.errors import (
 )
 from protocol.identity import EnrolmentToken, coordinator_dns_name
 from protocol.messages import AssignmentStatus, Heartbeat
+from protocol.retry import Retry
 from site_agent.agent import connect, enrol
 from site_agent.workdir import Workdir
 

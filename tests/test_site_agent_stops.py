@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from protocol.client import Retry
 from protocol.errors import Interrupted, Unavailable
 from protocol.exit_codes import ExitCode
+from protocol.retry import Retry
 from site_agent.agent import Agent
 
 BIN = Path(sys.executable).parent

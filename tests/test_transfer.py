@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from protocol.client import Retry
 from protocol.download import download_artifact
 from protocol.errors import InvalidArgument, NotFound, PermissionDenied, VerificationFailed
 from protocol.messages import ArtifactRef, UploadChunk, UploadFile
+from protocol.retry import Retry
 from site_agent.agent import connect
 from site_agent.transfer import directory_manifest, upload_directory
 

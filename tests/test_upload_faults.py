@@ -23,9 +23,9 @@ from coordinator import server as server_module
 from coordinator import upload
 from coordinator.audit import Auditor, verify_store_log
 from protocol.audit_log import Receipt, verify_receipt
-from protocol.client import Retry
 from protocol.errors import InvalidArgument, ResourceExhausted, Unavailable
 from protocol.messages import Heartbeat, UploadChunk, UploadFile
+from protocol.retry import Retry
 from site_agent.transfer import upload_directory
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -14,6 +14,7 @@ from protocol.errors import InvalidArgument, VerificationFailed
 from protocol.signing import (
     PROVENANCE_FILE,
     SIGNATURE_FILE,
+    ModelDigests,
     dsse_pae,
     ecdsa_sign,
     hash_model_files,
@@ -29,12 +30,13 @@ from .conftest import Pki, Site
 SHARD = "model-00001-of-00002.safetensors"
 
 
-def _sign(directory: Path, site: Site) -> None:
-    sign_model(
+def _sign(directory: Path, site: Site, known: dict[str, str] | None = None) -> ModelDigests:
+    return sign_model(
         directory,
         private_key_path=site.key_path,
         certificate_path=site.certificate_path,
         ca_path=site.ca_path,
+        known=known,
     )
 
 
@@ -228,3 +230,30 @@ def test_chain_is_judged_at_signing_time_unless_told(expert_dir: Path, pki: Pki)
     verify_model(expert_dir, trusted_ca_pem=pki.ca_pem)  # at notBefore: valid
     with pytest.raises(VerificationFailed, match="certificate has expired"):
         verify_model(expert_dir, trusted_ca_pem=pki.ca_pem, at=later)
+
+
+def _statement(directory: Path) -> bytes:
+    bundle = json.loads((directory / SIGNATURE_FILE).read_bytes())
+    return base64.b64decode(bundle["dsseEnvelope"]["payload"])
+
+
+def test_known_digests_sign_the_statement_a_full_hashing_signs_without_reading(
+    expert_dir: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _sign(expert_dir, pki.site_a)
+    full = _statement(expert_dir)
+    known = hash_model_files(expert_dir)
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(file: object, *args: object, **kwargs: object) -> object:
+        opened.append(Path(str(file)).name)
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    signed = _sign(expert_dir, pki.site_a, known)
+    monkeypatch.undo()
+    # Byte for byte the statement of a full hashing; no signed file was opened to sign it.
+    assert _statement(expert_dir) == full
+    assert not set(opened) & {Path(name).name for name in known}
+    assert verify_model(expert_dir, trusted_ca_pem=pki.ca_pem).digests == signed

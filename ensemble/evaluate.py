@@ -35,23 +35,19 @@ from typing import Any
 
 from PIL import Image
 
+from ensemble.dense_model import DenseModel
+from ensemble.eval_data import OVERALL, EvalSample, load_eval_data
 from ensemble.metrics import METRICS, score
 from ensemble.scheduling import slices
-from protocol.errors import InvalidArgument, NotFound
+from protocol.errors import InvalidArgument
 
 __all__ = [
     "Answerer",
-    "DenseModel",
     "EvalReport",
-    "EvalSample",
     "add_arguments",
     "evaluate",
-    "load_eval_data",
     "run",
 ]
-
-IMAGE_TAG = "<image>"
-OVERALL = "all"
 
 Answerer = Callable[[Sequence[Image.Image | None], Sequence[str]], list[str]]
 """Answers a window of questions (one image or None, one question per sample), in batches of
@@ -64,154 +60,6 @@ its own size."""
 # window's pixels and tower outputs stay well under a GPU's memory (about 2.5 GB for
 # LLaVA-1.5 at 16 a batch).
 WINDOW_BATCHES = 32
-
-
-@dataclass(frozen=True)
-class EvalSample:
-    """One question of the benchmark file."""
-
-    id: str
-    image: Path | None
-    question: str
-    answers: list[str]
-    benchmark: str
-    task: str
-
-
-def _question(turn: str) -> str:
-    # "<image>\nWhat is it?" -> "What is it?": the runtime puts the image before the text,
-    # as the trainer does for a leading tag.
-    return "".join(piece.strip("\n") for piece in turn.split(IMAGE_TAG)).strip()
-
-
-def load_eval_data(path: Path, image_root: Path) -> list[EvalSample]:
-    """Reads a benchmark file.
-
-    Raises:
-        NotFound: the file or an image is missing.
-        InvalidArgument: the file is not a JSON list of samples, or a sample lacks a question
-            or reference answer (named by its id or position).
-    """
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NotFound(f"--data {path}: no such file") from None
-    except (OSError, ValueError) as error:
-        raise InvalidArgument(f"--data {path}: not a JSON file ({error})") from None
-    if not isinstance(document, list) or not document:
-        raise InvalidArgument(f"--data {path}: expected a non-empty JSON list of samples")
-    samples = []
-    for position, sample in enumerate(document):
-        where = f"--data {path}: sample {position}"
-        if not isinstance(sample, dict):
-            raise InvalidArgument(f"{where}: expected an object")
-        name = str(sample.get("id", position))
-        where = f"--data {path}: sample {name!r}"
-        turns = sample.get("conversations")
-        if not isinstance(turns, list):
-            raise InvalidArgument(f"{where}: conversations: expected a list of turns")
-        human = [t["value"] for t in turns if isinstance(t, dict) and t.get("from") == "human"]
-        gpt = [t["value"] for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
-        if not human or not isinstance(human[0], str) or not _question(human[0]):
-            raise InvalidArgument(f"{where}: no human turn with a question")
-        answers = sample.get("answers")
-        if answers is None:
-            answers = gpt[:1]
-        if (
-            not isinstance(answers, list)
-            or not answers
-            or not all(isinstance(a, str) for a in answers)
-        ):
-            raise InvalidArgument(f"{where}: expected reference answers (a gpt turn or 'answers')")
-        image = sample.get("image")
-        if isinstance(image, list):
-            if len(image) != 1:
-                raise InvalidArgument(f"{where}: image: atoll eval takes one image per question")
-            image = image[0]
-        if image is not None and not isinstance(image, str):
-            raise InvalidArgument(f"{where}: image: expected a path relative to --image-root")
-        image_path = None if image is None else image_root / image
-        if image_path is not None and not image_path.is_file():
-            raise NotFound(f"{where}: image {image!r} not found under {image_root}")
-        samples.append(
-            EvalSample(
-                id=name,
-                image=image_path,
-                question=_question(human[0]),
-                answers=answers,
-                benchmark=str(sample.get("benchmark", path.stem)),
-                task=str(sample.get("task", OVERALL)),
-            )
-        )
-    return samples
-
-
-class DenseModel:
-    """A plain Hugging Face vision-language model directory (``save_pretrained`` output, e.g.
-    the dense baseline's checkpoint), answering greedily with the same prompt the ensemble's
-    experts get."""
-
-    def __init__(
-        self,
-        directory: Path,
-        device: str | None = None,
-        max_new_tokens: int = 32,
-        batch_size: int = 16,
-    ) -> None:
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        if not (directory / "config.json").is_file():
-            raise NotFound(f"--dense {directory}: no config.json; not a model directory")
-        try:
-            self.processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
-            model = AutoModelForImageTextToText.from_pretrained(directory, local_files_only=True)
-        except (OSError, ValueError, TypeError) as error:
-            raise InvalidArgument(f"--dense {directory}: does not load ({error})") from None
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-
-    def __call__(self, images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
-        return [
-            answer
-            for part in slices(len(questions), self.batch_size)
-            for answer in self._batch(images[part], questions[part])
-        ]
-
-    def _batch(self, images: Sequence[Image.Image | None], questions: Sequence[str]) -> list[str]:
-        import torch
-
-        from ensemble.runtime import chat_prompt
-
-        # RoutedEnsemble.prompt_text's rendering, so dense and ensemble answer the same prompt.
-        texts = [
-            chat_prompt(self.processor, q, i is not None)
-            for i, q in zip(images, questions, strict=True)
-        ]
-        pictures = [i for i in images if i is not None]
-        if pictures:
-            batch = self.processor(images=pictures, text=texts, padding=True, return_tensors="pt")
-        else:
-            batch = self.tokenizer(texts, padding=True, return_tensors="pt")
-        batch = batch.to(self.device)
-        with torch.inference_mode():
-            output = self.model.generate(
-                **batch,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        start = batch["input_ids"].shape[1]
-        answers: list[str] = self.tokenizer.batch_decode(
-            output[:, start:], skip_special_tokens=True
-        )
-        return [a.strip() for a in answers]
 
 
 @dataclass

@@ -5,7 +5,7 @@ their weights, so instead of one model call per expert per decoding step,
 :class:`StackedExperts` runs expert 0's module tree once, its differing submodules sending
 each stretch of rows (:func:`runs`) to that expert's own weights. Per-call overhead, not
 arithmetic, dominates small models and small batches: this is what keeps a routed batch at
-the cost of a dense one (see :mod:`ensemble.runtime`, which decides when to use it).
+the cost of a dense one (see :mod:`ensemble.expert_pool`, which decides when to use it).
 """
 
 from __future__ import annotations

@@ -10,12 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ensemble.theory import (
+from ensemble.tabular_experts import (
     END_OF_SEQUENCE,
     TabularModel,
     fit_partition,
-    main,
-    make_dataset,
     measure_gap,
     mixture_next_token,
     posterior_weights,
@@ -24,6 +22,7 @@ from ensemble.theory import (
     top1,
     uniform_weights,
 )
+from ensemble.theory import main, make_dataset
 
 TOKENS = st.integers(min_value=0, max_value=3)
 SEQUENCES = st.lists(st.lists(TOKENS, max_size=4).map(tuple), min_size=1, max_size=12)

@@ -40,14 +40,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from coordinator import audit
+from coordinator import audit, audit_report
 from coordinator.artifacts import check_artifact_name, register_artifact
 from coordinator.federation import signing_certificate
 from coordinator.federation_recipe import current_recipe
 from coordinator.router_files import cluster_priors, router_centroids, router_encoder
 from coordinator.state import StateDir
 from coordinator.store import EnsembleRecord, Store
-from coordinator.upload import upload_files_dir
+from coordinator.upload_writer import upload_files_dir
 from protocol.canonical import canonical_digest
 from protocol.digests import file_entry, file_sha256, folder_digests
 from protocol.ensemble_manifest import (
@@ -151,8 +151,8 @@ def choose_experts(
 ) -> tuple[dict[int, ExpertChoice], dict[int, ExpertChoice]]:
     """The latest accepted upload of every expert: ``(usable, revoked)`` by index, where
     ``revoked`` are experts whose site was revoked since (flagged, never assembled)."""
-    latest: dict[int, audit.ProvenanceRow] = {}
-    for row in audit.provenance_table(store):
+    latest: dict[int, audit_report.ProvenanceRow] = {}
+    for row in audit_report.provenance_table(store):
         if 0 <= row.expert < num_experts:
             latest[row.expert] = row  # log order: a later acceptance replaces an earlier one
     usable: dict[int, ExpertChoice] = {}

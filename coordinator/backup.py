@@ -44,7 +44,7 @@ from typing import IO, Any
 
 from cryptography.hazmat.primitives import serialization
 
-from coordinator import audit
+from coordinator import audit_report
 from coordinator.state import StateDir, open_store
 from protocol.errors import AlreadyExists, FailedPrecondition, InvalidArgument, VerificationFailed
 from protocol.identity import coordinator_spiffe_id
@@ -372,7 +372,7 @@ def _verify_audit(state: StateDir) -> None:
     store = state.open_store()
     try:
         key = load_private_key(state.signing_key)
-        report = audit.verify_store_log(
+        report = audit_report.verify_store_log(
             store, coordinator_spiffe_id(state.federation()), key.public_key()
         )
     finally:

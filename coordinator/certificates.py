@@ -18,6 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from coordinator.audit import site_details
 from coordinator.ca import CertificateAuthority
 from coordinator.store import SiteRecord, Store
 from protocol.audit_log import AuditEvent
@@ -68,12 +69,7 @@ def file_expires_at(path: Path) -> float | None:
 def renewed_event(site: SiteRecord) -> AuditEvent:
     return AuditEvent.new(
         "renewed",
-        {
-            "site": site.name,
-            "spiffe_id": site.spiffe_id,
-            "cert_serial": site.cert_serial,
-            "expires_at": expires_at(site.cert_pem),
-        },
+        {**site_details(site), "expires_at": expires_at(site.cert_pem)},
     )
 
 

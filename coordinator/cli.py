@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from coordinator import audit, enrolment, sites
+from coordinator import audit, audit_report, enrolment, sites
 from coordinator.certificates import DEFAULT_LIFETIME_DAYS
 from coordinator.federation import init_federation, load_authority
 from coordinator.federation_recipe import set_recipe
@@ -166,17 +166,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise VerificationFailed(f"{state.root}: the store cannot be opened ({error})") from None
     try:
         auditor = audit.Auditor.open(state, store)
-        report = audit.verify_store_log(store, auditor.log_id, auditor.public_key)
-        rows = audit.provenance_table(store)
+        report = audit_report.verify_store_log(store, auditor.log_id, auditor.public_key)
+        rows = audit_report.provenance_table(store)
         if args.export and report.verified:
             # A fresh head first, so the export's last checkpoint covers every event (never
             # over a log that failed verification: that would sign the damage).
             checkpoints = store.list_checkpoints()
             if not checkpoints or checkpoints[-1].tree_size < store.audit_size():
                 auditor.checkpoint()
-            count = audit.export_log(store, Path(args.export))
+            count = audit_report.export_log(store, Path(args.export))
             print(f"exported {count} events to {args.export}", file=sys.stderr)
-            report = audit.verify_store_log(store, auditor.log_id, auditor.public_key)
+            report = audit_report.verify_store_log(store, auditor.log_id, auditor.public_key)
             # The same head as a C2SP signed note, for transparency-log tools and auditors.
             note = sign_note(
                 auditor.log_id, report.size, bytes.fromhex(report.root_hash), auditor.signing_key
@@ -277,7 +277,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     try:
         site = store.revoke_site(args.site, time.time(), audit=audit.revoked_event)
         audit.Auditor.open(state, store).checkpoint()
-        delivered = [row for row in audit.provenance_table(store) if row.site == site.name]
+        delivered = [row for row in audit_report.provenance_table(store) if row.site == site.name]
     finally:
         store.close()
     assert site.revoked_at is not None

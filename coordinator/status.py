@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from coordinator import audit, certificates, sites
+from coordinator import audit_report, certificates, sites
 from coordinator.state import StateDir
 from coordinator.store import Store, UploadRecord
 
@@ -58,8 +58,8 @@ def experts(store: Store, rows: list[sites.SiteStatus]) -> list[ExpertStatus]:
     phases = {row.site: row.phase for row in rows}
     revoked = {row.site for row in rows if row.revoked}
     # The latest acceptance of each expert by a site not revoked since (audit log order).
-    accepted: dict[int, audit.ProvenanceRow] = {}
-    for row in audit.provenance_table(store):
+    accepted: dict[int, audit_report.ProvenanceRow] = {}
+    for row in audit_report.provenance_table(store):
         if not row.site_revoked:
             accepted[row.expert] = row
     result = []

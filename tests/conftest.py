@@ -14,7 +14,8 @@ from federation_helpers import record_test_recipe
 from coordinator import enrolment
 from coordinator.artifacts import register_artifact
 from coordinator.federation import init_federation
-from coordinator.server import Bound, Coordinator, build_server
+from coordinator.server import Bound, build_server
+from coordinator.servicer import Coordinator
 from coordinator.state import StateDir
 from coordinator.store import PlanRecord
 from protocol.client import FederationClient

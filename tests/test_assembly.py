@@ -17,11 +17,11 @@ from conftest import FAST_FAIL
 
 from coordinator import enrolment
 from coordinator.assembly import AssemblyConfig, AssemblyResult, assemble
-from coordinator.audit import provenance_table
+from coordinator.audit_report import provenance_table
 from coordinator.cli import main as coordinator_main
 from coordinator.federation import init_federation
 from coordinator.sites import federation_status
-from coordinator.upload import upload_files_dir
+from coordinator.upload_writer import upload_files_dir
 from ensemble.cli import main as atoll_main
 from ensemble.cli import verify_path
 from protocol.download import download_artifact

@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from coordinator.call_limits import CallLimits
-from coordinator.server import Coordinator, build_server
+from coordinator.server import build_server
+from coordinator.servicer import Coordinator
 from coordinator.state import StateDir
 from protocol.identity import coordinator_dns_name
 from protocol.messages import Heartbeat

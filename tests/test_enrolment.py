@@ -131,7 +131,8 @@ def test_token_for_another_site_and_bad_csr(running: Any) -> None:
 def test_certificate_from_another_ca_is_refused(running: Any, tmp_path: Path) -> None:
     other = init_federation(tmp_path / "other", "testfed")  # same name, different CA
     other_store = other.open_store()
-    from coordinator.server import Coordinator, build_server
+    from coordinator.server import build_server
+    from coordinator.servicer import Coordinator
 
     other_coordinator = Coordinator.open(other)
     bound = build_server(other_coordinator, "127.0.0.1:0", "127.0.0.1:0")

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from coordinator import enrolment
 from coordinator.federation import init_federation
 from coordinator.images import record_images
-from coordinator.server import Coordinator, FederationServicer
+from coordinator.servicer import Coordinator, FederationServicer
 from coordinator.store import PlanRecord
 from protocol import federation_pb2 as pb
 from protocol.audit_log import Checkpoint, Receipt, verify_log_file

@@ -28,7 +28,8 @@ from coordinator import backup, health
 from coordinator.cli import main as coordinator_main
 from coordinator.dashboard import start_dashboard
 from coordinator.metrics import start_exporter
-from coordinator.server import Coordinator, build_server
+from coordinator.server import build_server
+from coordinator.servicer import Coordinator
 from coordinator.state import StateDir
 from protocol.client import FederationClient
 from protocol.errors import (

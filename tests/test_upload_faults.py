@@ -19,9 +19,9 @@ from typing import Any
 import grpc
 import pytest
 
-from coordinator import server as server_module
-from coordinator import upload
-from coordinator.audit import Auditor, verify_store_log
+from coordinator import servicer, upload, upload_writer
+from coordinator.audit import Auditor
+from coordinator.audit_report import verify_store_log
 from protocol.audit_log import Receipt, verify_receipt
 from protocol.errors import InvalidArgument, ResourceExhausted, Unavailable
 from protocol.messages import Heartbeat, UploadChunk, UploadFile
@@ -66,14 +66,14 @@ def test_a_second_stream_on_a_file_is_refused_and_nothing_mismatched_is_accepted
     honest.join(10)
     assert results == [{"model.safetensors": 3000}]
     assert client.commit_upload(uid).accepted
-    on_disk = upload.upload_files_dir(running.state, uid) / "model.safetensors"
+    on_disk = upload_writer.upload_files_dir(running.state, uid) / "model.safetensors"
     assert on_disk.read_bytes() == good
 
 
 def test_a_full_disk_makes_the_site_wait_and_finish_once_space_returns(
     running: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_module, "DISK_FULL_RETRY", 0.2)
+    monkeypatch.setattr(servicer, "DISK_FULL_RETRY", 0.2)
     running.add_plan(1)
     _, client = assigned_site(running, tmp_path)
     client.retry = Retry(initial=0.05, maximum=0.2, give_up_after=30)
@@ -95,7 +95,7 @@ def test_a_full_disk_makes_the_site_wait_and_finish_once_space_returns(
     assert result.accepted, result.reason
     assert len(refused) >= 2 and time.monotonic() - started >= 1.5
     for name in ("model.safetensors", "config.json"):
-        received = upload.upload_files_dir(running.state, upload_id(running)) / name
+        received = upload_writer.upload_files_dir(running.state, upload_id(running)) / name
         assert received.read_bytes() == (model / name).read_bytes()
 
 
@@ -186,7 +186,8 @@ def test_a_heartbeat_with_nan_is_an_invalid_argument(
 
 _SERVER = """
 import sys, time
-from coordinator.server import Coordinator, build_server
+from coordinator.server import build_server
+from coordinator.servicer import Coordinator
 from coordinator.state import StateDir
 coordinator = Coordinator.open(StateDir(__import__("pathlib").Path(sys.argv[1])))
 coordinator.acceptance_checks = ()  # unsigned test uploads (signing: tests/test_audit.py)
@@ -246,7 +247,7 @@ def test_kill_9_after_the_acceptance_is_recorded_loses_nothing(
     assert verify_store_log(store, auditor.log_id, auditor.public_key).verified
     accepted = [r for r in store.audit_events() if r.event().kind == "accepted"]
     assert len(accepted) == 1
-    files = upload.upload_files_dir(state, record.upload_id)
+    files = upload_writer.upload_files_dir(state, record.upload_id)
     assert (files / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
 
 

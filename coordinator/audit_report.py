@@ -18,13 +18,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.store import AuditRecord, Store
-from protocol.audit_log import (
-    AuditLog,
-    Checkpoint,
-    export_lines,
-    verify_checkpoint,
-    verify_consistency_proof,
-)
+from protocol.audit_export import export_lines
+from protocol.audit_log import AuditLog, Checkpoint, verify_checkpoint, verify_consistency_proof
 from protocol.errors import InvalidArgument, VerificationFailed
 from protocol.merkle import leaf_hash
 
@@ -176,7 +171,7 @@ def _provenance_row(record: AuditRecord, revoked: set[str]) -> list[ProvenanceRo
 
 
 def export_log(store: Store, path: Path) -> int:
-    """Writes the JSON-lines export (:func:`protocol.audit_log.export_lines`) atomically;
+    """Writes the JSON-lines export (:func:`protocol.audit_export.export_lines`) atomically;
     returns the number of events written."""
     records = store.audit_events()
     checkpoints = [c for c in store.list_checkpoints() if c.tree_size <= len(records)]

@@ -16,13 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ensemble import evaluate, generate_cli, serve_cli
 from ensemble.verify import verify_ensemble
 from protocol import PROTOCOL_VERSION
-from protocol.audit_log import (
-    AuditLog,
-    LogVerification,
-    Receipt,
-    verify_log_file,
-    verify_receipt,
-)
+from protocol.audit_export import LogVerification, verify_log_file
+from protocol.audit_log import AuditLog, Receipt, verify_receipt
 from protocol.checkpoint_note import open_note
 from protocol.cli_support import run_parser
 from protocol.ensemble_manifest import MANIFEST_FILE

@@ -6,9 +6,10 @@ of a :class:`protocol.merkle.MerkleTree`. The coordinator signs :class:`Checkpoi
 tree size, root hash, time) with its P-256 key; an acceptance returns a :class:`Receipt` (event
 + index + inclusion proof + checkpoint) that anyone holding the coordinator's public key checks
 offline with :func:`verify_receipt`; :func:`verify_consistency_proof` shows that a later
-checkpoint extends an earlier one; :func:`verify_log_file` checks an exported log.
+checkpoint extends an earlier one; :func:`protocol.audit_export.verify_log_file` checks an
+exported log.
 
-This module is pure: no I/O besides reading an export. Persistence belongs to the
+This module is pure: no I/O. Persistence belongs to the
 coordinator's store. **What a store must keep** (append-only, in the same transaction as the
 state change an event records):
 
@@ -20,11 +21,6 @@ state change an event records):
   latest one (:meth:`AuditLog.check_checkpoint`) and can prove consistency from any of them.
 
 Receipts and proofs need not be stored: they are derived from the leaves on demand.
-
-Export format (JSON lines, UTF-8): one line per event in index order,
-``{"type": "event", "index": i, "event": {...}}``, with checkpoint lines
-``{"type": "checkpoint", "checkpoint": {...}}`` placed right after the event that brings the
-log to the checkpoint's size (see :func:`export_lines`).
 
 Example::
 
@@ -40,11 +36,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -61,12 +55,10 @@ __all__ = [
     "AuditEvent",
     "AuditLog",
     "Checkpoint",
-    "LogVerification",
     "Receipt",
-    "export_lines",
+    "checkpoint_time",
     "verify_checkpoint",
     "verify_consistency_proof",
-    "verify_log_file",
     "verify_receipt",
 ]
 
@@ -93,7 +85,8 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _time(checkpoint: Checkpoint) -> datetime:
+def checkpoint_time(checkpoint: Checkpoint) -> datetime:
+    """When ``checkpoint`` was signed (VerificationFailed unless RFC 3339 with a timezone)."""
     try:
         moment = datetime.fromisoformat(checkpoint.timestamp)
     except (TypeError, ValueError) as error:
@@ -408,13 +401,14 @@ class AuditLog:
         """Signs the current tree head."""
         return _sign_head(self.log_id, self.size, self.root(), private_key, at or _now())
 
-    def check_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Checks a checkpoint this log signed against the leaves (e.g. after a restart).
+    def check_checkpoint(self, checkpoint: Checkpoint, where: str = "audit log") -> None:
+        """Checks a checkpoint against the leaves (e.g. one this log signed, after a restart);
+        ``where`` starts the error message.
 
         Raises:
             VerificationFailed: The leaves no longer give the checkpoint's root.
         """
-        _check_tree(self._tree, checkpoint, "audit log")
+        _check_tree(self._tree, checkpoint, where)
 
     def receipt(self, event: AuditEvent, index: int, checkpoint: Checkpoint) -> Receipt:
         """A receipt for ``event`` at ``index`` under ``checkpoint`` (which must cover it)."""
@@ -435,133 +429,3 @@ class AuditLog:
     def consistency_proof(self, old_size: int, size: int | None = None) -> list[str]:
         """Hex RFC 9162 consistency proof from ``old_size`` to ``size`` (default current)."""
         return [h.hex() for h in self._tree.consistency_proof(old_size, size)]
-
-
-def export_lines(
-    events: Iterable[AuditEvent], checkpoints: Iterable[Checkpoint]
-) -> Iterator[bytes]:
-    """The export file, line by line (each ending in a newline).
-
-    Args:
-        events: All events in index order.
-        checkpoints: Checkpoints to embed, any order; each follows the event that brings
-            the log to its size (size-0 checkpoints come first).
-    """
-    by_size: dict[int, list[Checkpoint]] = {}
-    for checkpoint in checkpoints:
-        by_size.setdefault(checkpoint.tree_size, []).append(checkpoint)
-
-    def checkpoint_lines(size: int) -> Iterator[bytes]:
-        for checkpoint in sorted(by_size.pop(size, []), key=_time):
-            yield canonical_json({"type": "checkpoint", "checkpoint": checkpoint.to_json()}) + b"\n"
-
-    count = 0
-    yield from checkpoint_lines(0)
-    for event in events:
-        yield canonical_json({"type": "event", "index": count, "event": event.to_json()}) + b"\n"
-        count += 1
-        yield from checkpoint_lines(count)
-    if by_size:
-        raise InvalidArgument(
-            f"export: checkpoints at sizes {sorted(by_size)} exceed the {count} events"
-        )
-
-
-@dataclass(frozen=True)
-class LogVerification:
-    """The outcome of :func:`verify_log_file`.
-
-    Attributes:
-        tree_size: Events in the file.
-        root_hash: Hex root over all of them.
-        checkpoints: Every checkpoint verified (embedded and trusted), by size.
-        events: The events, in index order.
-    """
-
-    tree_size: int
-    root_hash: str
-    checkpoints: tuple[Checkpoint, ...]
-    events: tuple[AuditEvent, ...]
-
-
-def verify_log_file(
-    path: Path,
-    public_key: ec.EllipticCurvePublicKey,
-    trusted: Sequence[Checkpoint] = (),
-    log_id: str | None = None,
-) -> LogVerification:
-    """Verifies an exported audit log offline.
-
-    Rebuilds the tree from the event lines and checks every checkpoint, embedded or
-    ``trusted`` (e.g. one from a receipt, or kept from an earlier audit): its signature under
-    ``public_key``, and that the events give its root at its size. A log shorter than a
-    checkpoint is *truncated*; a root mismatch means events were altered or *reordered*.
-    Checkpoints must grow in size and time.
-
-    Args:
-        path: The JSON-lines export.
-        public_key: The coordinator's public key.
-        trusted: Checkpoints obtained out of band, which the file must agree with.
-        log_id: When given, the log every checkpoint must name.
-
-    Returns:
-        Size, root, checkpoints and events of the verified log.
-
-    Raises:
-        VerificationFailed: Naming the line and the check that failed.
-    """
-    tree = MerkleTree()
-    events: list[AuditEvent] = []
-    checkpoints: list[tuple[str, Checkpoint]] = []
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            where = f"{path.name} line {number}"
-            try:
-                record = json.loads(line)
-                kind = record["type"]
-            except (ValueError, KeyError, TypeError) as error:
-                raise VerificationFailed(f"{where}: not an audit log record ({error})") from error
-            if kind == "event":
-                if record.get("index") != tree.size:
-                    raise VerificationFailed(
-                        f"{where}: expected event index {tree.size}, got {record.get('index')}: "
-                        "events are missing or reordered"
-                    )
-                try:
-                    event = AuditEvent.from_json(record.get("event"))
-                except InvalidArgument as error:
-                    raise VerificationFailed(f"{where}: {error}") from error
-                tree.append(event.canonical())
-                events.append(event)
-            elif kind == "checkpoint":
-                checkpoint = Checkpoint.from_json(record.get("checkpoint"))
-                if checkpoint.tree_size != tree.size:
-                    raise VerificationFailed(
-                        f"{where}: checkpoint of size {checkpoint.tree_size} follows event "
-                        f"{tree.size - 1}; expected it after event {checkpoint.tree_size - 1}"
-                    )
-                checkpoints.append((where, checkpoint))
-            else:
-                raise VerificationFailed(f"{where}: unknown record type {kind!r}")
-    checkpoints += [(f"{path.name}: trusted checkpoint", c) for c in trusted]
-    checkpoints.sort(key=lambda item: (item[1].tree_size, _time(item[1])))
-    previous: Checkpoint | None = None
-    for where, checkpoint in checkpoints:
-        try:
-            verify_checkpoint(checkpoint, public_key, log_id=log_id)
-        except VerificationFailed as error:
-            raise VerificationFailed(f"{where}: {error}") from error
-        _check_tree(tree, checkpoint, where)
-        if previous is not None and _time(checkpoint) < _time(previous):
-            raise VerificationFailed(
-                f"{where}: checkpoint at size {checkpoint.tree_size} is dated "
-                f"{checkpoint.timestamp}, before the one at size {previous.tree_size} "
-                f"({previous.timestamp})"
-            )
-        previous = checkpoint
-    return LogVerification(
-        tree_size=tree.size,
-        root_hash=tree.root().hex(),
-        checkpoints=tuple(c for _, c in checkpoints),
-        events=tuple(events),
-    )

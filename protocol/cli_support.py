@@ -7,11 +7,15 @@ import logging
 import re
 import sys
 from collections.abc import Callable
+from typing import TypeAlias
 
 from rich.logging import RichHandler
 
 from protocol.errors import AtollError, InvalidArgument
 from protocol.exit_codes import ExitCode
+
+# What ``parser.add_subparsers()`` returns: a command group module adds its commands to it.
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -29,7 +29,8 @@ from coordinator import acceptance
 from coordinator.cli import main as coordinator_main
 from coordinator.federation import init_federation
 from ensemble.cli import main as atoll_main
-from protocol.audit_log import Receipt, verify_log_file, verify_receipt
+from protocol.audit_export import verify_log_file
+from protocol.audit_log import Receipt, verify_receipt
 from protocol.client import FederationClient
 from protocol.errors import PermissionDenied, VerificationFailed
 from protocol.exit_codes import ExitCode

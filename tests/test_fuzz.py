@@ -40,7 +40,8 @@ from coordinator.images import record_images
 from coordinator.servicer import Coordinator, FederationServicer
 from coordinator.store import PlanRecord
 from protocol import federation_pb2 as pb
-from protocol.audit_log import Checkpoint, Receipt, verify_log_file
+from protocol.audit_export import verify_log_file
+from protocol.audit_log import Checkpoint, Receipt
 from protocol.checkpoint_note import open_note
 from protocol.ensemble_manifest import parse_manifest
 from protocol.errors import AtollError

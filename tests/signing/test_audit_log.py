@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.audit_export import export_lines, verify_log_file
 from protocol.audit_log import (
     AuditEvent,
     AuditLog,
     Checkpoint,
     Receipt,
-    export_lines,
     verify_checkpoint,
     verify_consistency_proof,
-    verify_log_file,
     verify_receipt,
 )
 from protocol.canonical import canonical_json

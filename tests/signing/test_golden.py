@@ -11,14 +11,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol.audit_log import (
-    Checkpoint,
-    Receipt,
-    export_lines,
-    verify_consistency_proof,
-    verify_log_file,
-    verify_receipt,
-)
+from protocol.audit_export import export_lines, verify_log_file
+from protocol.audit_log import Checkpoint, Receipt, verify_consistency_proof, verify_receipt
 from protocol.canonical import canonical_json
 from protocol.provenance import ProvenanceExpectations, provenance_statement, verify_expert
 from protocol.signing import PROVENANCE_FILE, SIGNATURE_FILE

@@ -26,14 +26,11 @@ class ArtifactTables(Database):
 
     def get_artifact(self, name: str) -> ArtifactRecord | None:
         """The artifact with this name, or None."""
-        rows = self._read("SELECT * FROM artifacts WHERE name = ?", (name,))
-        return ArtifactRecord(**dict(rows[0])) if rows else None
+        return self._one(ArtifactRecord, "SELECT * FROM artifacts WHERE name = ?", (name,))
 
     def list_artifacts(self) -> list[ArtifactRecord]:
         """Every artifact, ordered by name."""
-        return [
-            ArtifactRecord(**dict(r)) for r in self._read("SELECT * FROM artifacts ORDER BY name")
-        ]
+        return self._all(ArtifactRecord, "SELECT * FROM artifacts ORDER BY name")
 
     def remove_artifacts(self, prefix: str) -> int:
         """Stops serving every artifact whose name starts with ``prefix``; returns how many."""

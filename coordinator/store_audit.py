@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime
 
 from coordinator.store_records import AuditRecord
 from coordinator.store_schema import Database
-from protocol.audit_log import AuditEvent, Checkpoint
+from protocol.audit_log import AuditEvent, Checkpoint, checkpoint_time
 from protocol.errors import FailedPrecondition, InvalidArgument
 from protocol.merkle import leaf_hash
 
@@ -83,7 +82,7 @@ def _check_new_checkpoint(latest: Checkpoint | None, new: Checkpoint, log_size: 
             f"checkpoint of size {new.tree_size}: a checkpoint of size {latest.tree_size} "
             "was signed meanwhile; sign the current head again"
         )
-    if datetime.fromisoformat(new.timestamp) < datetime.fromisoformat(latest.timestamp):
+    if checkpoint_time(new) < checkpoint_time(latest):
         raise FailedPrecondition(
             f"checkpoint dated {new.timestamp}: the latest checkpoint is dated "
             f"{latest.timestamp}; sign the current head again"

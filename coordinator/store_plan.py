@@ -46,8 +46,9 @@ class PlanTables(Database):
 
     def get_plan(self) -> PlanRecord | None:
         """The current partition plan, or None before partitioning."""
-        rows = self._read("SELECT digest, num_experts, created_at, summary_json FROM plan")
-        return PlanRecord(**dict(rows[0])) if rows else None
+        return self._one(
+            PlanRecord, "SELECT digest, num_experts, created_at, summary_json FROM plan"
+        )
 
     def assign_expert(
         self, site: str, now: float, audit: EventFor[AssignmentRecord] | None = None
@@ -83,10 +84,8 @@ class PlanTables(Database):
 
     def get_assignment(self, site: str) -> AssignmentRecord | None:
         """The site's assignment, or None."""
-        rows = self._read("SELECT * FROM assignments WHERE site = ?", (site,))
-        return AssignmentRecord(**dict(rows[0])) if rows else None
+        return self._one(AssignmentRecord, "SELECT * FROM assignments WHERE site = ?", (site,))
 
     def list_assignments(self) -> list[AssignmentRecord]:
         """Every assignment, ordered by expert index."""
-        rows = self._read("SELECT * FROM assignments ORDER BY expert_index")
-        return [AssignmentRecord(**dict(r)) for r in rows]
+        return self._all(AssignmentRecord, "SELECT * FROM assignments ORDER BY expert_index")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from protocol.errors import FailedPrecondition
+
+R = TypeVar("R")
 
 # 2: the audit log (events, checkpoints) and upload receipts.
 # 3: a bounded history of each site's heartbeats (the dashboard's loss curves).
@@ -165,6 +167,15 @@ class Database:
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
+
+    def _one(self, record: Callable[..., R], sql: str, args: tuple[Any, ...] = ()) -> R | None:
+        """The first row as a ``record`` (the row's columns are its fields), or None."""
+        rows = self._read(sql, args)
+        return record(**dict(rows[0])) if rows else None
+
+    def _all(self, record: Callable[..., R], sql: str, args: tuple[Any, ...] = ()) -> list[R]:
+        """Every row as a ``record``."""
+        return [record(**dict(row)) for row in self._read(sql, args)]
 
     def schema_version(self) -> int:
         """The schema version this store holds (``SCHEMA_VERSION`` for a current store)."""

@@ -48,8 +48,7 @@ class SiteTables(Database):
 
     def get_token(self, token_id: str) -> TokenRecord | None:
         """The token with this id, used or not, or None."""
-        rows = self._read("SELECT * FROM tokens WHERE token_id = ?", (token_id,))
-        return TokenRecord(**dict(rows[0])) if rows else None
+        return self._one(TokenRecord, "SELECT * FROM tokens WHERE token_id = ?", (token_id,))
 
     def enroll_site(
         self,
@@ -87,12 +86,11 @@ class SiteTables(Database):
 
     def get_site(self, name: str) -> SiteRecord | None:
         """The enrolled site with this name, or None."""
-        rows = self._read("SELECT * FROM sites WHERE name = ?", (name,))
-        return SiteRecord(**dict(rows[0])) if rows else None
+        return self._one(SiteRecord, "SELECT * FROM sites WHERE name = ?", (name,))
 
     def list_sites(self) -> list[SiteRecord]:
         """Every enrolled site, ordered by name."""
-        return [SiteRecord(**dict(r)) for r in self._read("SELECT * FROM sites ORDER BY name")]
+        return self._all(SiteRecord, "SELECT * FROM sites ORDER BY name")
 
     def renew_certificate(
         self,

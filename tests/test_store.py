@@ -408,6 +408,67 @@ def test_sqlite_migrates_a_version_1_store(tmp_path: Path) -> None:
     reopened.close()
 
 
+# A schema-3 store as the code before the one-store refactor wrote it (an SQL dump: one row of
+# every table, audit events and a signed checkpoint). Today's code must open and extend it.
+SCHEMA_3_DUMP = Path(__file__).parent / "fixtures" / "store-schema-3.sql"
+
+
+def _columns(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every table's columns (name, type, not null, default, primary key), in name order."""
+    conn = sqlite3.connect(path)
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    found = {t: sorted(r[1:] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
+    conn.close()
+    return found
+
+
+def test_a_schema_3_store_opens_and_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_3_DUMP.read_text())
+    conn.close()
+    store = open_store(f"sqlite:///{path}")
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.get_meta("federation") == "golden"
+    assert store.get_token("0123456789ab").used_at == 2.0  # type: ignore[union-attr]
+    assert store.get_site("alpha") == SiteRecord(
+        "alpha", "spiffe://golden/site/alpha", "0a", "PEM", 2.0
+    )
+    assert store.get_plan() == PlanRecord("d" * 64, 2, 3.0, '{"experts": 2}')
+    assert store.get_assignment("alpha").expert_index == 0  # type: ignore[union-attr]
+    assert [a.name for a in store.list_artifacts()] == ["partition/expert-0.json"]
+    assert store.latest_heartbeats()["alpha"].loss == 1.5
+    assert [h.step for h in store.heartbeat_history("alpha")] == [3]
+    accepted, open_ = store.list_uploads()
+    assert (accepted.upload_id, accepted.state, accepted.receipt_json) == (
+        "u1",
+        "accepted",
+        '{"receipt":1}',
+    )
+    assert accepted.received == {"model.safetensors": 4, "config.json": 2}
+    assert (open_.upload_id, open_.state, open_.received) == ("u2", "open", {"x": 1})
+    kinds = [r.event().kind for r in store.audit_events()]
+    assert kinds == ["invited", "enrolled", "plan_set", "assigned", "upload_begun", "accepted"]
+    assert all(r.leaf_hash == leaf_hash(r.canonical) for r in store.audit_events())
+    [checkpoint] = store.list_checkpoints()
+    assert checkpoint.tree_size == 6
+    assert (
+        checkpoint.root_hash
+        == AuditLog("x", [r.leaf_hash for r in store.audit_events()]).root().hex()
+    )
+    assert store.get_ensemble() == EnsembleRecord(
+        '{"version":1}', ("ensemble/1/manifest.json",), 9.0
+    )
+    # ...and goes on: a chunk, a commit, an event after the checkpoint.
+    assert store.advance_upload("u2", "x", 1, 2) == 3
+    store.finish_upload("u2", "rejected", "digest mismatch", 10.0)
+    assert store.append_audit_event(AuditEvent.new("published", {})).index == 6
+    store.close()
+    fresh = tmp_path / "fresh.db"
+    open_store(f"sqlite:///{fresh}").close()
+    assert _columns(path) == _columns(fresh)  # every table and column a new store has
+
+
 def test_sqlite_refuses_a_newer_store(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     conn = sqlite3.connect(path)

@@ -35,10 +35,12 @@ def register_artifact(
     *,
     expert: int | None = None,
     audience: str = "sites",
+    sha256: str | None = None,
 ) -> ArtifactRecord:
     """Serves the file at ``path`` (inside the state directory) under ``name``.
 
-    The digest is computed now, once; the file must not change afterwards (downloads verify it).
+    The digest is computed now, once (or given as ``sha256`` by a caller that hashed the file
+    as it wrote it); the file must not change afterwards (downloads verify it).
     """
     check_artifact_name(name)
     resolved = path.resolve()
@@ -51,7 +53,7 @@ def register_artifact(
         name=name,
         path=resolved.relative_to(root).as_posix(),
         size=resolved.stat().st_size,
-        sha256=file_sha256(resolved),
+        sha256=sha256 or file_sha256(resolved),
         expert=expert,
         audience=audience,
     )

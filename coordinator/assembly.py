@@ -9,7 +9,7 @@ builds ``STATE/ensemble/v<N>/`` in a temporary sibling and renames it into place
     router/encoder/<model>.json   the plan's open_clip config (+ weights, --encoder-weights)
     base/                         the recipe's served base checkpoint, for LoRA experts only
     experts/expert-<k>/           each accepted upload, byte for byte, with its signatures
-    README.md                     the model card: provenance, balance, router settings
+    README.md                     the model card (coordinator/model_card.py)
     ensemble.sigstore.json        DSSE in-toto statement: each expert's root and provenance
                                   digests, signed with the coordinator's key
     model.sig                     OpenSSF model signature over the whole directory, signed
@@ -18,8 +18,10 @@ builds ``STATE/ensemble/v<N>/`` in a temporary sibling and renames it into place
 Then every file is served to readers (``ensemble/<path>``), the ensemble is published, and
 ``assembled`` + ``published`` are recorded in the audit log.
 
-Experts are refused when an accepted file no longer matches its upload record or its
-signature; experts of sites revoked since their acceptance are flagged and refused, and only
+Each file is hashed once, as it is copied (:mod:`coordinator.ensemble_experts`); the
+manifest, the coordinator's signatures (:mod:`coordinator.ensemble_statement`) and the served
+artifacts reuse those digests. Experts are refused when an accepted file no longer matches its
+upload record or its signature; experts of sites revoked since their acceptance are flagged and refused, and only
 ``--allow-partial`` assembles without them (recorded as missing, the router renormalised over
 the others).
 
@@ -40,38 +42,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from coordinator import audit, audit_report
+from coordinator import audit
 from coordinator.artifacts import check_artifact_name, register_artifact
-from coordinator.federation import signing_certificate
+from coordinator.ensemble_experts import ExpertChoice, choose_experts, copy_expert
+from coordinator.ensemble_statement import ensemble_statement, sign_ensemble
 from coordinator.federation_recipe import current_recipe
+from coordinator.model_card import model_card
 from coordinator.router_files import cluster_priors, router_centroids, router_encoder
 from coordinator.state import StateDir
 from coordinator.store import EnsembleRecord, Store
-from coordinator.upload_writer import upload_files_dir
 from protocol.canonical import canonical_digest
-from protocol.digests import file_entry, file_sha256, folder_digests
+from protocol.digests import copy_folder, file_entry, file_sha256
 from protocol.ensemble_manifest import (
     MANIFEST_FILE,
     TextOnlyStrategy,
     expert_path,
+    listed_files,
     parse_manifest,
 )
-from protocol.errors import FailedPrecondition, InvalidArgument, NotFound, VerificationFailed
-from protocol.identity import coordinator_spiffe_id
-from protocol.provenance import (
-    ENSEMBLE_PREDICATE_TYPE,
-    ENSEMBLE_STATEMENT_FILE,
-    STATEMENT_TYPE,
-    ProvenanceExpectations,
-    sign_statement,
-    verify_expert,
-)
-from protocol.signing import PROVENANCE_FILE, sign_model
-from protocol.x509 import load_private_key
+from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 
 __all__ = ["AssemblyConfig", "AssemblyResult", "ExpertChoice", "assemble", "choose_experts"]
 
-PAPER = "Maschan, Qu, Liu (2026), Decentralized Autoregressive Generation, arXiv:2601.03184"
 ARTIFACT_PREFIX = "ensemble/"
 
 
@@ -108,17 +100,6 @@ class AssemblyConfig:
 
 
 @dataclass(frozen=True)
-class ExpertChoice:
-    """The accepted upload that becomes expert ``index``."""
-
-    index: int
-    site: str
-    upload_id: str
-    log_index: int
-    model_root_digest: str
-
-
-@dataclass(frozen=True)
 class AssemblyResult:
     """What :func:`assemble` built and published."""
 
@@ -146,23 +127,6 @@ class AssemblyResult:
         }
 
 
-def choose_experts(
-    store: Store, num_experts: int
-) -> tuple[dict[int, ExpertChoice], dict[int, ExpertChoice]]:
-    """The latest accepted upload of every expert: ``(usable, revoked)`` by index, where
-    ``revoked`` are experts whose site was revoked since (flagged, never assembled)."""
-    latest: dict[int, audit_report.ProvenanceRow] = {}
-    for row in audit_report.provenance_table(store):
-        if 0 <= row.expert < num_experts:
-            latest[row.expert] = row  # log order: a later acceptance replaces an earlier one
-    usable: dict[int, ExpertChoice] = {}
-    revoked: dict[int, ExpertChoice] = {}
-    for index, row in sorted(latest.items()):
-        choice = ExpertChoice(index, row.site, row.upload_id, row.log_index, row.model_root_digest)
-        (revoked if row.site_revoked else usable)[index] = choice
-    return usable, revoked
-
-
 def _read_plan(state: StateDir, store: Store) -> dict[str, Any]:
     plan = store.get_plan()
     if plan is None:
@@ -180,35 +144,6 @@ def _read_plan(state: StateDir, store: Store) -> dict[str, Any]:
     return dict(document)
 
 
-def _copy_expert(state: StateDir, store: Store, choice: ExpertChoice, target: Path) -> int:
-    """Copies the accepted files of one upload, checking each against its record; returns
-    the number of files."""
-    record = store.get_upload(choice.upload_id)
-    if record is None or record.state != "accepted":
-        raise FailedPrecondition(f"expert {choice.index}: upload {choice.upload_id} not accepted")
-    source = upload_files_dir(state, record.upload_id)
-    for item in record.files:
-        destination = target / item.path
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            shutil.copyfile(source / item.path, destination)
-        except OSError as error:
-            raise VerificationFailed(
-                f"expert {choice.index}: accepted file {item.path} of upload "
-                f"{record.upload_id} is unreadable ({error})"
-            ) from None
-        size = destination.stat().st_size
-        actual = file_sha256(destination) if size == item.size else ""
-        if size != item.size or actual != item.sha256:
-            found = f"{size} bytes" if size != item.size else f"sha256 {actual[:16]}.."
-            raise VerificationFailed(
-                f"expert {choice.index}: accepted file {item.path} of upload {record.upload_id} "
-                f"changed since acceptance: expected {item.size} bytes, sha256 "
-                f"{item.sha256[:16]}.., found {found}"
-            )
-    return len(record.files)
-
-
 def _architecture(expert_dir: Path) -> str:
     try:
         config = json.loads((expert_dir / "config.json").read_text())
@@ -218,68 +153,6 @@ def _architecture(expert_dir: Path) -> str:
     if kind == "llava":
         return "llava"
     return "internvl" if kind.startswith("internvl") else "causal-lm"
-
-
-def _model_card(
-    federation: str,
-    version: str,
-    plan: dict[str, Any],
-    config: AssemblyConfig,
-    tau: float,
-    experts: list[ExpertChoice],
-    missing: list[int],
-    revoked: dict[int, ExpertChoice],
-) -> str:
-    lines = [
-        f"# Atoll routed ensemble — federation `{federation}`, {version}",
-        "",
-        f"A routed ensemble of {plan['num_experts']} experts, each trained at one site on one "
-        "cluster of the data, implementing the method of:",
-        "",
-        f"> {PAPER}",
-        "",
-        "Load it with `ensemble.RoutedEnsemble.from_pretrained(DIR)`; check it offline with "
-        "`atoll verify DIR --trust ca.pem`.",
-        "",
-        "## Router",
-        "",
-        f"`p(S_k | image) = softmax_k(tau * cos(f(image), c_k))`, tau = {tau:g}"
-        f"{' (fitted on held-out data)' if config.fit_tau else ''}, "
-        f"top-k = {config.top_k}, text-only prompts: `{config.text_only}`.",
-        (
-            f"Feature model: `{plan['encoder'].get('model')}` ({plan['encoder'].get('backend')}); "
-            if plan["encoder"] is not None
-            else "No image router: the experts were trained on a text-only data set; "
-        )
-        + f"plan digest `{plan['digest']}`.",
-        "",
-        "## Provenance",
-        "",
-        "| expert | site | model root digest | upload | audit log index |",
-        "|---|---|---|---|---|",
-    ]
-    for choice in experts:
-        lines.append(
-            f"| {choice.index} | {choice.site} | `{choice.model_root_digest[:16]}..` | "
-            f"{choice.upload_id} | {choice.log_index} |"
-        )
-    for index in missing:
-        why = f"site {revoked[index].site} revoked" if index in revoked else "no accepted expert"
-        lines.append(f"| {index} | MISSING ({why}) | - | - | - |")
-    lines += [
-        "",
-        "## Balance",
-        "",
-        "| expert | unique images | samples | image samples | text-only |",
-        "|---|---|---|---|---|",
-    ]
-    for row in plan.get("clusters", []):
-        lines.append(
-            f"| {row['expert']} | {row.get('unique_images', '-')} | {row.get('samples', '-')} | "
-            f"{row.get('image_samples', '-')} | {row.get('text_only', '-')} |"
-        )
-    lines += ["", "Signed by the coordinator: `model.sig` + `ensemble.sigstore.json`.", ""]
-    return "\n".join(lines)
 
 
 def _next_version(state: StateDir) -> str:
@@ -339,38 +212,9 @@ def assemble(
                     {"index": index, "path": expert_path(index), "present": False, "files": {}}
                 )
                 continue
-            target = staging / expert_path(index)
-            _copy_expert(state, store, choice, target)
-            site = store.get_site(choice.site)
-            builder = site.spiffe_id if site is not None else None
-            verified = verify_expert(
-                target,
-                trusted_ca_pem=ca_pem,
-                expected=ProvenanceExpectations(expert_index=index, builder_id=builder),
-            )
-            root = verified.model.digests.root_sha256
-            files = folder_digests(target)
-            entries.append(
-                {
-                    "index": index,
-                    "path": expert_path(index),
-                    "present": True,
-                    "kind": "lora" if "adapter_config.json" in files else "full",
-                    "model_root_digest": root,
-                    "site": verified.model.signer_spiffe_id,
-                    "files": files,
-                }
-            )
-            statement_experts.append(
-                {
-                    "index": index,
-                    "site": verified.model.signer_spiffe_id,
-                    "modelRootDigest": {"sha256": root},
-                    "provenanceDigest": {"sha256": files[PROVENANCE_FILE]["sha256"]},
-                    "uploadId": choice.upload_id,
-                    "auditLogIndex": choice.log_index,
-                }
-            )
+            copied = copy_expert(state, store, choice, staging, ca_pem)
+            entries.append(copied.entry)
+            statement_experts.append(copied.statement)
         base = None
         if any(e.get("kind") == "lora" for e in entries):
             base = _copy_base(state, store, staging)
@@ -415,16 +259,30 @@ def assemble(
             fit = fit_router_tau(staging, manifest, config.fit_tau, config.fit_image_root)
             router["tau"], router["tau_fit"] = fit.pop("tau"), fit
         (staging / "README.md").write_text(
-            _model_card(federation, version, plan, config, router["tau"], chosen, missing, revoked)
+            model_card(
+                federation,
+                version,
+                plan,
+                router,
+                config.fit_tau is not None,
+                chosen,
+                missing,
+                revoked,
+            )
         )
         manifest["other_files"] = {"README.md": file_entry(staging / "README.md")}
-        parse_manifest(manifest)  # the schema consumers load with: fail here, not there
+        parsed = parse_manifest(manifest)  # the schema consumers load with: fail here
         manifest_path = staging / MANIFEST_FILE
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
         manifest_sha256 = file_sha256(manifest_path)
-        _sign(
-            state, staging, federation, version, plan, manifest_sha256, statement_experts, missing
+        # Every digest the manifest lists was taken from the copy in staging as it was
+        # written: the signatures and the served artifacts reuse them (nothing is read twice).
+        known = {name: d.sha256 for name, d in listed_files(parsed).items()}
+        known[MANIFEST_FILE] = manifest_sha256
+        statement = ensemble_statement(
+            federation, version, plan["digest"], manifest_sha256, statement_experts, missing
         )
+        known = sign_ensemble(state, staging, statement, known)
         final = state.ensembles_dir / version
         names = _artifact_names(staging)
         staging.rename(final)
@@ -442,7 +300,7 @@ def assemble(
         tau=router["tau"],
         tau_fit=router.get("tau_fit"),
     )
-    _publish(state, store, final, names, manifest_path.name, result, config)
+    _publish(state, store, final, names, result, config, known)
     return result
 
 
@@ -454,43 +312,8 @@ def _copy_base(state: StateDir, store: Store, staging: Path) -> dict[str, Any]:
             "LoRA experts need the base checkpoint, but the recipe's base is not kept by the "
             "coordinator (a base larger than the serve limit stays at the sites)"
         )
-    shutil.copytree(source, staging / "base")
-    return {"path": "base", "files": folder_digests(staging / "base")}
-
-
-def _sign(
-    state: StateDir,
-    staging: Path,
-    federation: str,
-    version: str,
-    plan: dict[str, Any],
-    manifest_sha256: str,
-    experts: list[dict[str, Any]],
-    missing: list[int],
-) -> None:
-    """Writes ``ensemble.sigstore.json``, then ``model.sig`` over everything (the statement
-    included)."""
-    statement = {
-        "_type": STATEMENT_TYPE,
-        "subject": [{"name": MANIFEST_FILE, "digest": {"sha256": manifest_sha256}}],
-        "predicateType": ENSEMBLE_PREDICATE_TYPE,
-        "predicate": {
-            "federation": federation,
-            "coordinator": coordinator_spiffe_id(federation),
-            "version": version,
-            "planDigest": {"sha256": plan["digest"]},
-            "experts": experts,
-            "missingExperts": missing,
-        },
-    }
-    envelope = sign_statement(statement, load_private_key(state.signing_key))
-    (staging / ENSEMBLE_STATEMENT_FILE).write_text(json.dumps(envelope, indent=2) + "\n")
-    sign_model(
-        staging,
-        private_key_path=state.signing_key,
-        certificate_path=signing_certificate(state),
-        ca_path=state.ca_cert,
-    )
+    copied = copy_folder(source, staging / "base")
+    return {"path": "base", "files": {name: d.entry() for name, d in copied.items()}}
 
 
 def _artifact_names(directory: Path) -> list[str]:
@@ -508,9 +331,9 @@ def _publish(
     store: Store,
     directory: Path,
     names: list[str],
-    manifest_name: str,
     result: AssemblyResult,
     config: AssemblyConfig,
+    known: dict[str, str],
 ) -> None:
     details = {
         "version": result.version,
@@ -530,9 +353,11 @@ def _publish(
     audit.record_assembled(store, details)
     store.remove_artifacts(ARTIFACT_PREFIX)
     for name in names:
-        path = directory / name.removeprefix(ARTIFACT_PREFIX)
-        register_artifact(state, store, name, path, audience="readers")
-    manifest_json = (directory / manifest_name).read_text()
+        relative = name.removeprefix(ARTIFACT_PREFIX)
+        register_artifact(
+            state, store, name, directory / relative, audience="readers", sha256=known.get(relative)
+        )
+    manifest_json = (directory / MANIFEST_FILE).read_text()
     store.publish_ensemble(EnsembleRecord(manifest_json, tuple(names), time.time()))
     audit.record_published(
         store,

@@ -13,8 +13,9 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.errors import InvalidArgument, VerificationFailed
 
@@ -22,15 +23,17 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 COPY_BLOCK = 1 << 20
 
 
-@dataclass(frozen=True)
-class FileDigest:
-    """The sha256 and size of one file."""
+class FileDigest(BaseModel):
+    """Size and sha256 of one file (also an entry of ``atoll_ensemble.json``'s file lists,
+    hence strict: unknown keys are errors)."""
 
-    sha256: str
-    size: int
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
 
     def entry(self) -> dict[str, str | int]:
-        """``{"sha256", "size"}``: an entry of ``atoll_ensemble.json``'s file lists."""
+        """``{"sha256", "size"}``, as the manifest writes it."""
         return {"sha256": self.sha256, "size": self.size}
 
 
@@ -55,7 +58,18 @@ def copy_and_hash(source: Path, destination: Path) -> FileDigest:
             hasher.update(block)
             writer.write(block)
             size += len(block)
-    return FileDigest(hasher.hexdigest(), size)
+    return FileDigest(sha256=hasher.hexdigest(), size=size)
+
+
+def copy_folder(source: Path, destination: Path) -> dict[str, FileDigest]:
+    """Copies every file below ``source`` (see :func:`folder_files`) to the same place below
+    ``destination`` with :func:`copy_and_hash`; returns their digests in path order."""
+    copied: dict[str, FileDigest] = {}
+    for relative, path in folder_files(source):
+        target = destination / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copied[relative] = copy_and_hash(path, target)
+    return copied
 
 
 def folder_files(folder: Path, skip: Iterable[str] = ()) -> list[tuple[str, Path]]:
@@ -123,12 +137,12 @@ def hash_folder(
         )
     for relative, path in paths:
         if relative in known:
-            hashed[relative] = FileDigest(known[relative], path.stat().st_size)
+            hashed[relative] = FileDigest(sha256=known[relative], size=path.stat().st_size)
     return {relative: hashed[relative] for relative, _ in paths}
 
 
 def _digest(path: Path) -> FileDigest:
-    return FileDigest(file_sha256(path), path.stat().st_size)
+    return FileDigest(sha256=file_sha256(path), size=path.stat().st_size)
 
 
 def folder_digests(

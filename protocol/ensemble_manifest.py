@@ -59,7 +59,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from protocol.digests import file_sha256
+from protocol.digests import FileDigest, file_sha256
 from protocol.errors import InvalidArgument, NotFound, VerificationFailed
 
 __all__ = [
@@ -101,13 +101,6 @@ def _relative_path(value: str) -> str:
     if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
         raise ValueError(f"expected a relative path inside the ensemble directory, got {value!r}")
     return value
-
-
-class FileDigest(_Strict):
-    """Size and sha256 of one file."""
-
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
 
 
 class TextOnlyStrategy(StrEnum):

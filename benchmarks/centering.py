@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from demo import FULL, write_dataset  # type: ignore[import-not-found]  # noqa: E402
 
-from coordinator.partition.features import load_encoder  # noqa: E402
 from coordinator.partition.kmeans import balanced_spherical_kmeans  # noqa: E402
 from ensemble.router import Router  # noqa: E402
+from protocol.feature_model import load_encoder  # noqa: E402
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

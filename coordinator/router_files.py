@@ -21,14 +21,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from coordinator.partition.encoder_files import EncoderName, hf_files, hf_identity
 from coordinator.state import StateDir
 from protocol.digests import file_sha256, folder_digests
+from protocol.encoder_files import OPEN_CLIP_CONFIGS, EncoderName, hf_files, hf_identity
 from protocol.errors import FailedPrecondition, VerificationFailed
 
 __all__ = ["cluster_priors", "router_centroids", "router_encoder"]
 
-_OPEN_CLIP_CONFIGS = Path(__file__).parent / "partition" / "configs"
 # hf identity entries that must match between the plan and the files assembled.
 _HF_DIGESTS = ("weights", "config_sha256", "preprocessor_sha256")
 
@@ -130,7 +129,7 @@ def _hf(
 
 
 def _open_clip_config(model: str) -> dict[str, Any]:
-    bundled = _OPEN_CLIP_CONFIGS / f"{model}.json"
+    bundled = OPEN_CLIP_CONFIGS / f"{model}.json"
     if bundled.is_file():
         return dict(json.loads(bundled.read_text()))
     import open_clip
@@ -148,7 +147,7 @@ def _open_clip(
     folder = staging / "router" / "encoder"
     folder.mkdir(parents=True)
     config_name = f"router/encoder/{model}.json"
-    bundled = _OPEN_CLIP_CONFIGS / f"{model}.json"
+    bundled = OPEN_CLIP_CONFIGS / f"{model}.json"
     if bundled.is_file():
         shutil.copyfile(bundled, staging / config_name)
     else:

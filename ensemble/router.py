@@ -2,9 +2,10 @@
 
 ``p(S_k | image) = softmax_k(tau * cos(f(image), c_k))`` where ``f`` is the partition plan's
 feature model and ``c_k`` its centroids; keep the top-k, renormalise. The features must be
-exactly the ones the partitioner computed for the same image, so the encoders here load the
-plan's model the same way (same config, same seeded initialisation or weights, same
-preprocessing, L2-normalised output).
+exactly the ones the partitioner computed for the same image, so ``f`` is not reimplemented
+here: :func:`load_feature_model` is the partitioner's own feature model
+(:mod:`protocol.feature_model`), loaded from the ensemble's copy of its files, and the plan's
+mean feature is subtracted by the same :func:`~protocol.feature_model.centre`.
 
 Example::
 
@@ -15,19 +16,17 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 
-from protocol.ensemble_manifest import EncoderSpec, EnsembleManifest
+from protocol.ensemble_manifest import EnsembleManifest
 from protocol.errors import InvalidArgument, NotFound
+from protocol.feature_model import FeatureModel, centre, load_feature_model
 
 __all__ = [
     "FeatureModel",
@@ -171,9 +170,7 @@ class Router:
                 f"router features: expected (B, {self.centroids.shape[1]}), "
                 f"got {tuple(features.shape)}"
             )
-        unit = torch.nn.functional.normalize(features.float(), dim=-1)
-        if self.center is not None:
-            unit = torch.nn.functional.normalize(unit - self.center.to(unit.device), dim=-1)
+        unit = centre(torch.nn.functional.normalize(features.float(), dim=-1), self.center)
         return unit @ self.centroids.to(features.device).T
 
     def probabilities_at(self, cosines: torch.Tensor, tau: float) -> torch.Tensor:
@@ -272,187 +269,3 @@ def open_image(image: Image.Image | str | Path) -> Image.Image:
         raise InvalidArgument(
             f"image {path}: cannot decode it ({type(error).__name__}: {error})"
         ) from None
-
-
-class FeatureModel(Protocol):
-    """The router's view of the plan's feature model."""
-
-    dim: int
-
-    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(B, D)`` unit-norm float32 image features."""
-        ...
-
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """``(B, D)`` unit-norm float32 text features (the ``clip-text`` strategy)."""
-        ...
-
-
-class _TorchFeatureModel:
-    """Preprocess each image, run one batch, L2-normalise, as the partitioner does."""
-
-    def __init__(
-        self,
-        dim: int,
-        transform: Callable[[Image.Image], torch.Tensor],
-        image_forward: Callable[[torch.Tensor], torch.Tensor],
-        text_forward: Callable[[Sequence[str]], torch.Tensor] | None,
-        device: torch.device,
-        clip: Any = None,
-    ) -> None:
-        self.dim = dim
-        # The Hugging Face CLIPModel behind an ``hf`` encoder: the runtime shares its vision
-        # tower with LLaVA experts whose tower is the same model.
-        self.clip = clip
-        self._transform = transform
-        self._image_forward = image_forward
-        self._text_forward = text_forward
-        self.device = device
-
-    def _autocast(self) -> Any:
-        # The partitioner encodes under fp16 autocast on CUDA; matching it keeps the features
-        # (and so the routing) the ones the plan was made from.
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
-    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The preprocessed batch, on the model's device."""
-        return torch.stack([self._transform(image.convert("RGB")) for image in images]).to(
-            self.device
-        )
-
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Unit-norm features of an already preprocessed batch."""
-        with torch.inference_mode(), self._autocast():
-            output = self._image_forward(pixels).float()
-        return torch.nn.functional.normalize(output, dim=-1)
-
-    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self.encode_pixels(self.pixels(images))
-
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        if self._text_forward is None:
-            raise InvalidArgument(
-                "text_only 'clip-text': the router's feature model has no text tower "
-                "(use 'uniform' or 'posterior')"
-            )
-        with torch.inference_mode(), self._autocast():
-            output = self._text_forward(texts).float()
-        return torch.nn.functional.normalize(output, dim=-1)
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_feature_model(
-    spec: EncoderSpec, directory: Path, *, device: str | torch.device | None = None
-) -> _TorchFeatureModel:
-    """The feature model an ensemble manifest names, from the ensemble's own files.
-
-    Args:
-        spec: The manifest's ``router.encoder``.
-        directory: The ensemble directory (``spec``'s paths are relative to it).
-        device: Where to run it; default CUDA when available.
-
-    Raises:
-        NotFound: a file the spec names is not there.
-        InvalidArgument: the files do not load as the spec says, or give another dimension.
-    """
-    target = _device(device)
-    model = _open_clip(spec, directory, target) if spec.backend == "open_clip" else None
-    if model is None:
-        model = _hf_clip(spec, directory, target)
-    if model.dim != spec.dim:
-        raise InvalidArgument(
-            f"router.encoder.dim: the manifest says {spec.dim}, the model gives {model.dim}"
-        )
-    return model
-
-
-def _existing(directory: Path, relative: str, field: str) -> Path:
-    path = directory / relative
-    if not path.exists():
-        raise NotFound(f"router.encoder.{field}: {relative} is not in {directory}")
-    return path
-
-
-def _open_clip(spec: EncoderSpec, directory: Path, device: torch.device) -> _TorchFeatureModel:
-    import open_clip
-
-    assert spec.config_file is not None  # the manifest validator guarantees it
-    config = _existing(directory, spec.config_file, "config_file")
-    if config.stem != spec.model:
-        # open_clip registers a config file under its stem; the plan named the model.
-        raise InvalidArgument(
-            f"router.encoder.config_file: {spec.config_file} registers model {config.stem!r}, "
-            f"but router.encoder.model is {spec.model!r}"
-        )
-    open_clip.add_model_config(config)
-    weights: str | None = None
-    if spec.weights_file is not None:
-        weights = str(_existing(directory, spec.weights_file, "weights_file"))
-    # The partitioner draws random weights inside a forked RNG seeded with the plan's seed;
-    # doing the same here is what makes a random-weight router route like the plan.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.init_seed if spec.init_seed is not None else 0)
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model, pretrained=weights, device=device
-        )
-    clip.eval()
-    tokenizer = open_clip.get_tokenizer(spec.model)
-    has_text = isinstance(getattr(clip, "text_projection", None), torch.Tensor)
-
-    def text_forward(texts: Sequence[str]) -> torch.Tensor:
-        return clip.encode_text(tokenizer(list(texts)).to(device))
-
-    with torch.inference_mode():
-        dim = int(
-            clip.encode_image(preprocess(Image.new("RGB", (8, 8)))[None].to(device)).shape[-1]
-        )
-    return _TorchFeatureModel(
-        dim, preprocess, clip.encode_image, text_forward if has_text else None, device
-    )
-
-
-def _hf_clip(spec: EncoderSpec, directory: Path, device: torch.device) -> _TorchFeatureModel:
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
-    assert spec.directory is not None  # the manifest validator guarantees it
-    folder = _existing(directory, spec.directory, "directory")
-    try:
-        model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
-        processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise InvalidArgument(
-            f"router.encoder.directory: {spec.directory} does not load as a CLIPModel ({error})"
-        ) from None
-    try:
-        tokenizer: Any = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError):
-        tokenizer = None  # an image-only folder: clip-text is unavailable, not an error
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        values = processor(images=image, return_tensors="np")["pixel_values"][0]
-        return torch.as_tensor(np.asarray(values))
-
-    def image_forward(pixels: torch.Tensor) -> torch.Tensor:
-        output = model.get_image_features(pixel_values=pixels)
-        return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-    def text_forward(texts: Sequence[str]) -> torch.Tensor:
-        batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
-        output = model.get_text_features(**batch.to(device))
-        return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-    return _TorchFeatureModel(
-        int(model.config.projection_dim),
-        transform,
-        image_forward,
-        text_forward if tokenizer is not None else None,
-        device,
-        clip=model,
-    )

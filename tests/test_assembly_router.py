@@ -13,8 +13,8 @@ from assembly_helpers import join, sign_and_upload, write_plan
 from safetensors.torch import load_file, save_file
 
 from coordinator.assembly import AssemblyConfig, assemble
-from coordinator.partition.encoder_files import hf_identity
 from ensemble.router import load_router
+from protocol.encoder_files import hf_identity
 from protocol.ensemble_manifest import load_manifest, verify_files
 from protocol.errors import FailedPrecondition, VerificationFailed
 

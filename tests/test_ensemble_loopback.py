@@ -34,11 +34,11 @@ from training.synthetic import write_recipe
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from coordinator.cli import main as coordinator_main
-from coordinator.partition.features import load_encoder
 from ensemble.cli import main as atoll_main
 from ensemble.download import ReaderWorkdir
 from ensemble.runtime import RoutedEnsemble
 from protocol.ensemble_manifest import expert_path, load_manifest
+from protocol.feature_model import load_encoder
 from site_agent.agent import Agent
 from site_agent.supervisor import SupervisorConfig
 

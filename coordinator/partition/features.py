@@ -1,283 +1,33 @@
-"""CLIP image features for partitioning: encoders, a feature cache, precomputed features.
+"""The partitioner's features at scale: a cache of computed features, and precomputed files.
 
-An encoder is named by a spec string:
+The encoders themselves (naming, loading, preprocessing, normalisation) are the one feature
+model that routing uses too, :mod:`protocol.feature_model`.
 
-* ``open_clip:MODEL`` -- an open_clip architecture with random weights (seeded, so the same
-  every run). ``open_clip:atoll-tiny-clip`` is a tiny bundled configuration for tests and the
-  demo: it never downloads anything.
-* ``open_clip:MODEL:PRETRAINED`` -- with weights from a local file (a path) or an open_clip
-  pretrained tag (which open_clip may fetch into its cache).
-* ``hf:PATH`` -- a Hugging Face ``CLIPModel`` saved at a local folder.
-
-Features are L2-normalised. They are cached by image content digest under the state
-directory, per encoder identity, so re-running or adding images only encodes what is new.
-``--features FILE.npz`` supplies them instead: arrays ``ids`` (image paths as written in the
-data set), ``features`` (N x D) and ``encoder`` (the spec of the encoder that computed them;
-or ``--feature-encoder SPEC``): the router must compute the same features at inference, so a
-plan without its encoder cannot be assembled.
+Features are cached by image content digest under the state directory, per encoder
+identity, so re-running or adding images only encodes what is new. ``--features FILE.npz``
+supplies them instead: arrays ``ids`` (image paths as written in the data set), ``features``
+(N x D) and ``encoder`` (the spec of the encoder that computed them; or ``--feature-encoder
+SPEC``): the router must compute the same features at inference, so a plan without its
+encoder cannot be assembled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 
-from coordinator.partition.encoder_files import TINY_MODEL, EncoderName, hf_identity
 from protocol.canonical import canonical_digest
 from protocol.digests import file_sha256
 from protocol.errors import InvalidArgument, NotFound
 
-__all__ = [
-    "TINY_MODEL",
-    "EncodeFailure",
-    "FeatureCache",
-    "ImageEncoder",
-    "load_encoder",
-    "load_features_file",
-    "normalise_rows",
-]
-
-_CONFIG_DIR = Path(__file__).parent / "configs"
-# Random weights are drawn from this seed, so a random-weight encoder is the same every run.
-_INIT_SEED = 0
-
-
-@dataclass(frozen=True)
-class EncodeFailure:
-    """An image that could not be decoded."""
-
-    path: Path
-    reason: str
-
-
-class ImageEncoder(Protocol):
-    """What the partitioner needs from a feature model."""
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """JSON-able description that changes whenever the features could (recorded in the
-        plan; its digest keys the feature cache)."""
-        ...
-
-    def encode(
-        self,
-        paths: Sequence[Path],
-        *,
-        batch_size: int = 64,
-        workers: int = 0,
-        progress: Callable[[int], None] | None = None,
-    ) -> tuple[np.ndarray, list[EncodeFailure]]:
-        """Unit-norm float32 features (``len(paths) x D``; zero rows where decoding failed)
-        and the failures."""
-        ...
-
-
-def normalise_rows(features: np.ndarray) -> np.ndarray:
-    """Float32 rows scaled to unit L2 norm (all-zero rows are left zero)."""
-    features = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
-
-
-class _ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, bool, str]]):
-    """Decodes and preprocesses images; a bad file yields ``ok=False`` instead of raising, so
-    one broken image is reported with the others rather than killing a worker."""
-
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Any]) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-        self.placeholder: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
-        try:
-            with Image.open(self.paths[index]) as image:
-                tensor = self._pixels(image.convert("RGB"))
-            return tensor, True, ""
-        except Exception as error:  # PIL raises many kinds; every one is "unreadable"
-            blank = self._pixels(Image.new("RGB", (8, 8)))
-            return torch.zeros_like(blank), False, f"{type(error).__name__}: {error}"
-
-    def _pixels(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.transform(image)
-        if isinstance(pixels, torch.Tensor):
-            return pixels
-        # Hugging Face image processors return a BatchFeature of one image.
-        return torch.as_tensor(np.asarray(pixels["pixel_values"][0]))
-
-
-class _TorchEncoder:
-    """Shared batching for both backends: DataLoader workers, fp16 autocast on CUDA."""
-
-    def __init__(
-        self,
-        identity: dict[str, Any],
-        transform: Callable[[Image.Image], Any],
-        forward: Callable[[torch.Tensor], torch.Tensor],
-        device: torch.device,
-    ) -> None:
-        self._identity = identity
-        self._transform = transform
-        self._forward = forward
-        self._device = device
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        return dict(self._identity)
-
-    def encode(
-        self,
-        paths: Sequence[Path],
-        *,
-        batch_size: int = 64,
-        workers: int = 0,
-        progress: Callable[[int], None] | None = None,
-    ) -> tuple[np.ndarray, list[EncodeFailure]]:
-        loader = torch.utils.data.DataLoader(
-            _ImageFiles(paths, self._transform),
-            batch_size=batch_size,
-            num_workers=workers,
-            shuffle=False,
-            pin_memory=self._device.type == "cuda",
-        )
-        chunks: list[np.ndarray] = []
-        failures: list[EncodeFailure] = []
-        done = 0
-        autocast = (
-            torch.autocast("cuda", dtype=torch.float16)
-            if self._device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            for pixels, ok, reasons in loader:
-                output = self._forward(pixels.to(self._device, non_blocking=True)).float()
-                features = torch.nn.functional.normalize(output, dim=-1).cpu().numpy()
-                bad = ~ok.numpy()
-                features[bad] = 0.0
-                chunks.append(features)
-                for offset in np.flatnonzero(bad).tolist():
-                    failures.append(EncodeFailure(paths[done + offset], reasons[offset]))
-                done += len(ok)
-                if progress is not None:
-                    progress(len(ok))
-        dim = int(self._identity["dim"])
-        out = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-        return np.ascontiguousarray(out, dtype=np.float32), failures
-
-
-def _default_device(device: str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_encoder(spec: str, *, device: str | None = None, flag: str = "--encoder") -> ImageEncoder:
-    """The encoder a spec names (see the module docstring).
-
-    Raises:
-        InvalidArgument: a malformed spec, an unknown open_clip model, or an ``hf:`` folder
-            that is not a CLIP model.
-        NotFound: a local weights path or folder that does not exist.
-    """
-    name = EncoderName.parse(spec, flag)
-    if name.backend == "open_clip":
-        return _open_clip_encoder(name.model, name.pretrained, _default_device(device))
-    assert name.path is not None
-    return _hf_encoder(name.path, _default_device(device), flag)
-
-
-def _open_clip_encoder(model: str, pretrained: str | None, device: torch.device) -> ImageEncoder:
-    import open_clip
-
-    open_clip.add_model_config(_CONFIG_DIR)
-    if model not in open_clip.list_models():
-        raise InvalidArgument(
-            f"--encoder open_clip:{model}: unknown open_clip model "
-            f"(e.g. ViT-B-16, ViT-L-14-336, {TINY_MODEL})"
-        )
-    identity: dict[str, Any] = {"backend": "open_clip", "model": model}
-    if pretrained is None:
-        identity["weights"] = {"random_init_seed": _INIT_SEED}
-    elif (
-        Path(pretrained).exists()
-        or os.sep in pretrained
-        or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors"))
-    ):
-        weights = Path(pretrained)
-        if not weights.is_file():
-            raise NotFound(f"--encoder open_clip:{model}:{pretrained}: no such weights file")
-        identity["weights"] = {"file": weights.name, "sha256": file_sha256(weights)}
-    else:
-        identity["weights"] = {"open_clip_tag": pretrained}
-    # Seeding inside a forked RNG makes random weights reproducible without disturbing the
-    # caller's random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_INIT_SEED)
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=pretrained, device=device
-        )
-    clip.eval()
-    visual = clip.visual
-    image_size = visual.image_size
-    identity["image_size"] = list(image_size) if isinstance(image_size, tuple) else image_size
-    identity["dim"] = (
-        int(clip.text_projection.shape[1])
-        if _has_text(clip)
-        else _probe_dim(clip.encode_image, preprocess, device)
-    )
-
-    def forward(pixels: torch.Tensor) -> torch.Tensor:
-        return clip.encode_image(pixels)
-
-    return _TorchEncoder(identity, preprocess, forward, device)
-
-
-def _has_text(clip: Any) -> bool:
-    projection = getattr(clip, "text_projection", None)
-    return isinstance(projection, torch.Tensor) and projection.ndim == 2
-
-
-def _probe_dim(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    preprocess: Callable[[Image.Image], Any],
-    device: torch.device,
-) -> int:
-    with torch.inference_mode():
-        pixels = preprocess(Image.new("RGB", (8, 8)))[None].to(device)
-        return int(forward(pixels).shape[-1])
-
-
-def _hf_encoder(path: Path, device: torch.device, flag: str = "--encoder") -> ImageEncoder:
-    from transformers import CLIPImageProcessor, CLIPModel
-
-    identity = hf_identity(path, flag)  # checks it is a CLIP folder before loading anything
-    model = CLIPModel.from_pretrained(path).to(device).eval()
-    processor = CLIPImageProcessor.from_pretrained(path)
-    identity["image_size"] = int(model.config.vision_config.image_size)
-    identity["dim"] = int(model.config.projection_dim)
-
-    def transform(image: Image.Image) -> Any:
-        return processor(images=image, return_tensors="np")
-
-    def forward(pixels: torch.Tensor) -> torch.Tensor:
-        output = model.get_image_features(pixel_values=pixels)
-        # transformers 5 returns the vision outputs with the projected pooler output.
-        return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-    return _TorchEncoder(identity, transform, forward, device)
+__all__ = ["FeatureCache", "load_features_file"]
 
 
 class FeatureCache:

@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     from coordinator.partition.cli import _progress
     from coordinator.partition.dataset import load_dataset, resolve_image
-    from coordinator.partition.features import load_encoder
     from protocol.errors import InvalidArgument, NotFound
+    from protocol.feature_model import load_encoder
 
     if not args.image_root.is_dir():
         raise NotFound(f"--image-root {args.image_root}: no such directory")

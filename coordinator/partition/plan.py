@@ -37,6 +37,7 @@ from coordinator.partition.plan_writer import PlanWriteResult, write_plan
 from coordinator.state import StateDir
 from protocol.digests import file_sha256
 from protocol.errors import InvalidArgument, NotFound
+from protocol.feature_model import mean_feature
 
 __all__ = ["PartitionConfig", "Plan", "PlanWriteResult", "make_plan", "write_plan"]
 
@@ -250,7 +251,7 @@ def make_plan(config: PartitionConfig, state: StateDir, reporter: Reporter = _qu
         if config.center:
             # As the authors' code: cosines around the data set's mean feature, not the origin
             # (CLIP features share a large common direction that hides their differences).
-            center = unit_features.mean(axis=0, dtype=np.float64).astype(np.float32)
+            center = mean_feature(unit_features)
             unit_features = _unit_rows(unit_features - center)
         cluster_of_unit, centroids, fit = _cluster(config, unit_features, reporter)
     sample_experts = np.full(len(dataset.samples), -1, dtype=np.int64)

@@ -18,15 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from coordinator.partition.dataset import resolve_image
-from coordinator.partition.encoder_files import EncoderName
-from coordinator.partition.features import (
-    FeatureCache,
-    ImageEncoder,
-    load_encoder,
-    load_features_file,
-)
+from coordinator.partition.features import FeatureCache, load_features_file
 from coordinator.state import StateDir
+from protocol.encoder_files import EncoderName
 from protocol.errors import InvalidArgument, NotFound
+from protocol.feature_model import FeatureModel, load_encoder
 
 if TYPE_CHECKING:
     from coordinator.partition.plan import PartitionConfig
@@ -152,7 +148,7 @@ def _from_file(
 
 def _spot_check(
     config: PartitionConfig,
-    encoder: ImageEncoder,
+    encoder: FeatureModel,
     spec: str,
     first_ref: dict[str, str],
     by_digest: dict[str, np.ndarray],

@@ -17,15 +17,16 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from coordinator.partition.features import load_encoder
 from protocol.digests import file_entry, file_sha256, folder_digests
+from protocol.encoder_files import OPEN_CLIP_CONFIGS
 from protocol.ensemble_manifest import MANIFEST_FILE, expert_path
+from protocol.feature_model import load_encoder
 from protocol.recipe import load_recipe
 from site_agent.training.model import load_model, load_processor
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = REPO / "configs" / "tiny-cpu.yaml"
-CLIP_CONFIG = REPO / "coordinator" / "partition" / "configs" / "atoll-tiny-clip.json"
+CLIP_CONFIG = OPEN_CLIP_CONFIGS / "atoll-tiny-clip.json"
 KINDS = {"red-square": ((220, 30, 30), "square"), "blue-circle": ((30, 40, 220), "circle")}
 
 
@@ -209,8 +210,8 @@ def build_ensemble(
 
 def _runtime_encoder(root: Path, spec: dict[str, Any]) -> Any:
     """``encode(files) -> (features, failures)`` with the runtime's loader of ``spec``."""
-    from ensemble.router import load_feature_model
     from protocol.ensemble_manifest import EncoderSpec
+    from protocol.feature_model import load_feature_model
 
     model = load_feature_model(EncoderSpec(**spec), root, device="cpu")
 

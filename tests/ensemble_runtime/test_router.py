@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.partition.features import load_encoder
 from ensemble.router import Router
 from ensemble.runtime import RoutedEnsemble
 from protocol.errors import InvalidArgument
+from protocol.feature_model import FeatureModel, load_encoder
 
 from .builders import write_pictures
 
@@ -88,14 +88,17 @@ def test_centroid_count_and_shape() -> None:
 
 
 def test_features_equal_the_partitioners(ensemble: RoutedEnsemble, tmp_path: Path) -> None:
-    """The router must see an image exactly as the plan did, or it routes elsewhere."""
+    """The router must see an image exactly as the plan did, or it routes elsewhere: both
+    are the one feature model, loaded from the plan's spec or from the ensemble's files."""
     files = [p for paths in write_pictures(tmp_path, per_kind=3).values() for p in paths]
-    expected, failures = load_encoder("open_clip:atoll-tiny-clip", device="cpu").encode(files)
+    partitioner = load_encoder("open_clip:atoll-tiny-clip", device="cpu")
+    assert type(partitioner) is type(ensemble.feature_model) is FeatureModel
+    expected, failures = partitioner.encode(files)
     assert not failures
     from PIL import Image
 
     actual = ensemble.feature_model.encode_images([Image.open(p) for p in files])
-    np.testing.assert_allclose(actual.numpy(), expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(actual.numpy(), expected)
 
 
 def test_images_route_to_their_cluster(ensemble: RoutedEnsemble) -> None:

@@ -7,13 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.partition.features import (
-    TINY_MODEL,
-    FeatureCache,
-    load_encoder,
-    load_features_file,
-)
+from coordinator.partition.features import FeatureCache, load_features_file
 from protocol.errors import InvalidArgument, NotFound
+from protocol.feature_model import TINY_MODEL, load_encoder
 
 from .builders import make_images
 

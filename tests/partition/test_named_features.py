@@ -9,13 +9,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from coordinator.partition.dataset import load_dataset, resolve_image
-from coordinator.partition.features import TINY_MODEL, load_encoder
 from coordinator.partition.plan_features import SPOT_CHECK_MIN_COSINE
 from coordinator.state import StateDir
+from ensemble.router import Router
 from protocol.errors import InvalidArgument
+from protocol.feature_model import TINY_MODEL, load_encoder, normalise_rows
 
 from .test_plan import partition
 
@@ -119,6 +121,15 @@ def test_center_is_the_default_and_stores_the_mean_feature(
     units = [*np.delete(encoded, [7, 8], axis=0), pair / np.linalg.norm(pair)]
     np.testing.assert_allclose(tensors["center"], np.mean(units, axis=0), atol=1e-5)
     assert np.linalg.norm(tensors["center"]) > 0.5  # CLIP features share a large mean
+    # The router subtracts the stored centre from a new image's feature as the plan did.
+    router = Router(
+        torch.from_numpy(tensors["centroids"]),
+        tau=1.0,
+        top_k=1,
+        center=torch.from_numpy(tensors["center"]),
+    )
+    expected = normalise_rows(encoded - tensors["center"]) @ normalise_rows(tensors["centroids"]).T
+    np.testing.assert_allclose(router.cosines(torch.from_numpy(encoded)), expected, atol=1e-5)
     partition(state, dataset, root, "--experts", "2", "--encoder", TINY, "--no-center")
     assert _plan(state)["center"] is None
     assert "center" not in load_file(str(state.partition_dir / "centroids.safetensors"))

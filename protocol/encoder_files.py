@@ -1,7 +1,8 @@
-"""What an encoder spec names, and the files of a Hugging Face CLIP folder, without torch.
+"""What an encoder spec names, and the files of a feature model, without torch.
 
-The partitioner (which loads the model) and the assembly (which only copies and checks the
-files) must agree on which files make an ``hf:`` encoder and on its identity, so both read
+The feature model (:mod:`protocol.feature_model`, which loads it) and the assembly (which
+only copies and checks the files) must agree on which files make an ``hf:`` encoder, on its
+identity, and on the open_clip configurations bundled here (``clip_configs/``), so both read
 them from here; nothing here imports torch, so ``coordinator assemble`` stays light.
 
 Example::
@@ -20,7 +21,15 @@ from typing import Any
 from protocol.digests import file_sha256
 from protocol.errors import InvalidArgument, NotFound
 
-__all__ = ["HF_CONFIG_FILES", "HF_TOKENIZER_FILES", "EncoderName", "hf_files", "hf_identity"]
+__all__ = [
+    "HF_CONFIG_FILES",
+    "HF_TOKENIZER_FILES",
+    "OPEN_CLIP_CONFIGS",
+    "TINY_MODEL",
+    "EncoderName",
+    "hf_files",
+    "hf_identity",
+]
 
 # What decides an hf CLIP's image features: its config and its image preprocessing (the
 # weights are found by suffix). The tokenizer files only serve the clip-text strategy.
@@ -32,6 +41,9 @@ HF_TOKENIZER_FILES = (
     "merges.txt",
     "special_tokens_map.json",
 )
+# open_clip model configurations that ship with Atoll (registered before a model loads):
+# TINY_MODEL is a tiny CLIP for tests and the demo that never downloads anything.
+OPEN_CLIP_CONFIGS = Path(__file__).parent / "clip_configs"
 TINY_MODEL = "atoll-tiny-clip"
 
 

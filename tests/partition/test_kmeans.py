@@ -10,7 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment, linprog
 
-from coordinator.partition import kmeans
+from coordinator.partition import kmeans_kernels
+from coordinator.partition.auction import auction
+from coordinator.partition.balanced_assignment import priced_argmax
+from coordinator.partition.cluster_sums import cluster_sums, move_sums
 from coordinator.partition.kmeans import (
     balanced_assignment,
     balanced_sizes,
@@ -89,7 +92,7 @@ def test_large_instance_agrees_with_the_auction() -> None:
     capacities = balanced_sizes(20_000, 9)
     labels, _ = balanced_assignment(similarity)
     assert np.bincount(labels, minlength=9).tolist() == capacities.tolist()
-    rows, clusters, _, _ = kmeans._auction(similarity, capacities, np.zeros(9))
+    rows, clusters, _, _ = auction(similarity, capacities, np.zeros(9))
     full = np.empty(20_000, dtype=np.int64)
     full[rows] = clusters
     assert abs(total(similarity, labels) - total(similarity, full)) <= 20_000 * 2e-6
@@ -101,7 +104,7 @@ def test_priced_top2_matches_numpy(k: int) -> None:
     similarity = rng.uniform(-1, 1, (500, k)).astype(np.float32)
     similarity[:50] = np.round(similarity[:50], 1)  # ties: the first best column wins
     prices = rng.normal(size=k)
-    labels, margins, runner_up = kmeans._priced_argmax(similarity, prices)
+    labels, margins, runner_up = priced_argmax(similarity, prices)
     values = similarity.astype(np.float64) - prices
     assert np.array_equal(labels, values.argmax(axis=1))
     if k == 1:
@@ -121,7 +124,7 @@ def test_priced_top2_ties_signed_zeros_and_negatives_as_floats_compare() -> None
         [[-0.0, 0.0, -1.0], [-2.0, -0.5, -0.25], [0.0, -0.0, 0.0], [-3.0, -3.0, -4.0]],
         dtype=np.float32,
     )
-    labels, margins, runner_up = kmeans._priced_argmax(similarity, np.zeros(3))
+    labels, margins, runner_up = priced_argmax(similarity, np.zeros(3))
     assert labels.tolist() == [0, 2, 0, 0]
     assert runner_up.tolist() == [1, 1, 1, 1]
     assert margins.tolist() == [0.0, 0.25, 0.0, 0.0]
@@ -141,8 +144,8 @@ def test_shortest_paths_keep_every_row_in_a_best_priced_cluster(
     similarity[:, : k // 4] += 0.3  # a quarter of the clusters attract most rows
     capacities = balanced_sizes(n, k)
     prices = np.zeros(k)
-    start, _, _ = kmeans._priced_argmax(similarity, prices)
-    labels, final = kmeans.kernels.unit_shortest_paths(
+    start, _, _ = priced_argmax(similarity, prices)
+    labels, final = kmeans_kernels.unit_shortest_paths(
         similarity, capacities, prices, start, threads
     )
     assert np.bincount(labels, minlength=k).tolist() == capacities.tolist()
@@ -234,9 +237,7 @@ def test_weighted_auction_matches_linear_program() -> None:
     similarity = rng.uniform(-1, 1, (rows, k)).astype(np.float32)
     mass = rng.integers(1, 20, rows).astype(np.float64)
     capacities = balanced_sizes(int(mass.sum()), k)
-    piece_row, piece_cluster, piece_mass, _ = kmeans._auction(
-        similarity, capacities, np.zeros(k), mass
-    )
+    piece_row, piece_cluster, piece_mass, _ = auction(similarity, capacities, np.zeros(k), mass)
     flow = np.zeros((rows, k))
     np.add.at(flow, (piece_row, piece_cluster), piece_mass)
     assert np.allclose(flow.sum(axis=1), mass)
@@ -292,7 +293,7 @@ def test_cluster_sums_match_numpy(n: int) -> None:
     labels = rng.integers(0, 5, n)
     expected = np.zeros((5, 7))
     np.add.at(expected, labels, x.astype(np.float64))
-    assert np.allclose(kmeans.kernels.cluster_sums(x, labels, 5), expected, rtol=0, atol=1e-12)
+    assert np.allclose(cluster_sums(x, labels, 5), expected, rtol=0, atol=1e-12)
 
 
 def test_move_sums_match_fresh_sums() -> None:
@@ -303,10 +304,10 @@ def test_move_sums_match_fresh_sums() -> None:
     new = old.copy()
     movers = rng.choice(500, 60, replace=False)
     new[movers] = rng.integers(0, 4, 60)
-    sums = kmeans.kernels.cluster_sums(x, old, 4)
-    kmeans.kernels.move_sums(x, old, new, sums)
-    assert np.allclose(sums, kmeans.kernels.cluster_sums(x, new, 4), rtol=0, atol=1e-12)
-    assert not np.allclose(sums, kmeans.kernels.cluster_sums(x, old, 4), rtol=0, atol=1e-3)
+    sums = cluster_sums(x, old, 4)
+    move_sums(x, old, new, sums)
+    assert np.allclose(sums, cluster_sums(x, new, 4), rtol=0, atol=1e-12)
+    assert not np.allclose(sums, cluster_sums(x, old, 4), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("first", [0, 1, 37, 60, 61])

@@ -23,7 +23,13 @@ from typing import Any
 
 from coordinator.state import StateDir
 from protocol.digests import file_sha256, folder_digests
-from protocol.encoder_files import OPEN_CLIP_CONFIGS, EncoderName, hf_files, hf_identity
+from protocol.encoder_files import (
+    INIT_SEED,
+    OPEN_CLIP_CONFIGS,
+    EncoderName,
+    hf_files,
+    hf_identity,
+)
 from protocol.errors import FailedPrecondition, VerificationFailed
 
 __all__ = ["cluster_priors", "router_centroids", "router_encoder"]
@@ -71,7 +77,7 @@ def _identity_now(name: EncoderName, weights_file: Path | None, dim: int) -> dic
     else:
         identity = {"backend": "open_clip", "model": name.model}
         if name.pretrained is None:
-            identity["weights"] = {"random_init_seed": 0}
+            identity["weights"] = {"random_init_seed": INIT_SEED}
         else:
             file = weights_file or Path(name.pretrained)
             if not file.is_file():

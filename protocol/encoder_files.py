@@ -24,6 +24,7 @@ from protocol.errors import InvalidArgument, NotFound
 __all__ = [
     "HF_CONFIG_FILES",
     "HF_TOKENIZER_FILES",
+    "INIT_SEED",
     "OPEN_CLIP_CONFIGS",
     "TINY_MODEL",
     "EncoderName",
@@ -45,6 +46,9 @@ HF_TOKENIZER_FILES = (
 # TINY_MODEL is a tiny CLIP for tests and the demo that never downloads anything.
 OPEN_CLIP_CONFIGS = Path(__file__).parent / "clip_configs"
 TINY_MODEL = "atoll-tiny-clip"
+# An open_clip encoder without weights draws them from this seed, so it is the same model in
+# the partitioner, at assembly and in the router.
+INIT_SEED = 0
 
 
 @dataclass(frozen=True)

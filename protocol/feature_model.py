@@ -46,12 +46,17 @@ import torch
 from PIL import Image
 
 from protocol.digests import file_sha256
-from protocol.encoder_files import OPEN_CLIP_CONFIGS, TINY_MODEL, EncoderName, hf_identity
+from protocol.encoder_files import (
+    INIT_SEED,
+    OPEN_CLIP_CONFIGS,
+    TINY_MODEL,
+    EncoderName,
+    hf_identity,
+)
 from protocol.ensemble_manifest import EncoderSpec
 from protocol.errors import InvalidArgument, NotFound
 
 __all__ = [
-    "INIT_SEED",
     "TINY_MODEL",
     "EncodeFailure",
     "FeatureModel",
@@ -61,9 +66,6 @@ __all__ = [
     "mean_feature",
     "normalise_rows",
 ]
-
-# Random weights are drawn from this seed, so a random-weight encoder is the same every run.
-INIT_SEED = 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -34,6 +33,12 @@ from coordinator.images import record_images  # noqa: E402
 from coordinator.store import PlanRecord  # noqa: E402
 from protocol.download import download_artifact  # noqa: E402
 from protocol.messages import ArtifactRef  # noqa: E402
+from protocol.shard_manifest import (  # noqa: E402
+    ShardManifest,
+    shard_artifact_name,
+    shard_file_name,
+    shard_manifest_bytes,
+)
 from site_agent.agent import connect, enrol  # noqa: E402
 from site_agent.images import FETCH_WORKERS, prepare_images  # noqa: E402
 from site_agent.workdir import Workdir  # noqa: E402
@@ -62,13 +67,15 @@ def main() -> int:
                 digest = hashlib.sha256(data).hexdigest()
                 samples.append({"id": str(i), "image": relative, "image_sha256": digest})
         total = blob.stat().st_size
-        shard = state.partition_dir / "expert-0.json"
+        shard = state.partition_dir / shard_file_name(0)
         shard.parent.mkdir(parents=True, exist_ok=True)
-        shard.write_text(json.dumps({"expert": 0, "num_experts": 1, "samples": samples}))
+        shard.write_bytes(
+            shard_manifest_bytes(ShardManifest(expert=0, num_experts=1, samples=samples))
+        )
 
         store = state.open_store()
         store.put_plan(PlanRecord("00" * 32, 1, time.time()))
-        register_artifact(state, store, "partition/expert-0.json", shard, expert=0)
+        register_artifact(state, store, shard_artifact_name(0), shard, expert=0)
         register_artifact(state, store, "all-images.bin", blob)
         record_recipe(store, "image-fetch-benchmark")
         record_images(state, store, images)
@@ -81,8 +88,8 @@ def main() -> int:
         with connect(workdir) as client:
             reply = client.get_assignment()
             refs = {a.name: a for a in reply.artifacts}
-            download_artifact(client, refs["partition/expert-0.json"], workdir.artifacts_dir)
-            site_shard = workdir.artifacts_dir / "partition" / "expert-0.json"
+            download_artifact(client, refs[shard_artifact_name(0)], workdir.artifacts_dir)
+            site_shard = workdir.artifacts_dir / shard_artifact_name(0)
             baseline_rss = peak_rss_mb(server.pid)
 
             start = time.perf_counter()

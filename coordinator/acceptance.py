@@ -30,13 +30,9 @@ from coordinator.store import Store, UploadRecord
 from coordinator.upload import AcceptanceCheck
 from protocol.errors import AtollError, FailedPrecondition, PermissionDenied
 from protocol.provenance import ProvenanceExpectations, verify_expert
+from protocol.shard_manifest import shard_artifact_name
 from protocol.signing import SIGNATURE_FILE, signer_certificate
 from protocol.x509 import load_certificate, uri_sans
-
-
-def shard_artifact_name(expert_index: int) -> str:
-    """The artifact holding expert k's shard manifest (when the plan registered one)."""
-    return f"partition/expert-{expert_index}.json"
 
 
 def expectations_for(store: Store, federation: str, site: str) -> ProvenanceExpectations:
@@ -60,8 +56,8 @@ def expectations_for(store: Store, federation: str, site: str) -> ProvenanceExpe
         builder_id=record.spiffe_id,
         expert_index=issued.record.expert_index,
         assignment_digest=issued.digest,
-        recipe_digest=str(recipe["sha256"]),
-        base_model_digest=str(recipe["base_model"]["digest"]),
+        recipe_digest=recipe.sha256,
+        base_model_digest=recipe.base_model.digest,
         shard_manifest_digest=shard.sha256 if shard is not None else None,
     )
 

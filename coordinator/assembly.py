@@ -60,7 +60,8 @@ from protocol.ensemble_manifest import (
     listed_files,
     parse_manifest,
 )
-from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
+from protocol.errors import AtollError, FailedPrecondition, InvalidArgument, NotFound
+from protocol.partition_plan import PLAN_FILE, PartitionPlan, load_plan
 
 __all__ = ["AssemblyConfig", "AssemblyResult", "ExpertChoice", "assemble", "choose_experts"]
 
@@ -127,21 +128,21 @@ class AssemblyResult:
         }
 
 
-def _read_plan(state: StateDir, store: Store) -> dict[str, Any]:
-    plan = store.get_plan()
-    if plan is None:
+def _read_plan(state: StateDir, store: Store) -> PartitionPlan:
+    record = store.get_plan()
+    if record is None:
         raise FailedPrecondition("no partition plan yet: run `coordinator partition` first")
-    path = state.partition_dir / "plan.json"
+    path = state.partition_dir / PLAN_FILE
     try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise FailedPrecondition(f"{path}: unreadable partition plan ({error})") from None
-    if document.get("digest") != plan.digest:
+        plan = load_plan(path)
+    except AtollError as error:
+        raise FailedPrecondition(f"unreadable partition plan: {error}") from None
+    if plan.digest != record.digest:
         raise FailedPrecondition(
-            f"{path}: digest {str(document.get('digest'))[:12]}.. is not the recorded plan "
-            f"{plan.digest[:12]}..; re-run `coordinator partition`"
+            f"{path}: digest {plan.digest[:12]}.. is not the recorded plan "
+            f"{record.digest[:12]}..; re-run `coordinator partition`"
         )
-    return dict(document)
+    return plan
 
 
 def _architecture(expert_dir: Path) -> str:
@@ -177,7 +178,7 @@ def assemble(
     config.check()
     federation = state.federation()
     plan = _read_plan(state, store)
-    num_experts = int(plan["num_experts"])
+    num_experts = plan.num_experts
     usable, revoked = choose_experts(store, num_experts)
     missing = [k for k in range(num_experts) if k not in usable]
     if missing and not config.allow_partial:
@@ -221,7 +222,7 @@ def assemble(
         first = staging / expert_path(chosen[0].index)
         architecture = _architecture(staging / "base" if base else first)
         encoder, centroids = None, None
-        if plan["encoder"] is not None:
+        if plan.encoder is not None:
             encoder = router_encoder(plan, staging, config.encoder_weights)
             centroids = router_centroids(state, staging, num_experts, encoder["dim"])
         elif architecture != "causal-lm" or config.text_only is TextOnlyStrategy.CLIP_TEXT:
@@ -243,7 +244,7 @@ def assemble(
             "format": "atoll-ensemble",
             "format_version": 1,
             "federation_id": federation,
-            "plan_digest": plan["digest"],
+            "plan_digest": plan.digest,
             "architecture": architecture,
             "created_at": created.isoformat().replace("+00:00", "Z"),
             "router": router,
@@ -280,7 +281,7 @@ def assemble(
         known = {name: d.sha256 for name, d in listed_files(parsed).items()}
         known[MANIFEST_FILE] = manifest_sha256
         statement = ensemble_statement(
-            federation, version, plan["digest"], manifest_sha256, statement_experts, missing
+            federation, version, plan.digest, manifest_sha256, statement_experts, missing
         )
         known = sign_ensemble(state, staging, statement, known)
         final = state.ensembles_dir / version
@@ -307,7 +308,7 @@ def assemble(
 def _copy_base(state: StateDir, store: Store, staging: Path) -> dict[str, Any]:
     recipe = current_recipe(store)
     source = state.root / "base"
-    if recipe is None or not recipe["base_model"]["served"] or not source.is_dir():
+    if recipe is None or not recipe.base_model.served or not source.is_dir():
         raise FailedPrecondition(
             "LoRA experts need the base checkpoint, but the recipe's base is not kept by the "
             "coordinator (a base larger than the serve limit stays at the sites)"

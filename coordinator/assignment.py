@@ -1,7 +1,7 @@
 """Handing out expert slots: the lowest free slot once a partition plan exists.
 
-An assignment is described by a canonical JSON document (:func:`assignment_document`) whose
-sha256 is the *assignment digest*: the site signs it into its expert's provenance, and the
+An assignment is described by a canonical JSON document (:class:`protocol.assignment.Assignment`)
+whose sha256 is the *assignment digest*: the site signs it into its expert's provenance, and the
 coordinator recomputes it (:func:`current_assignment`) when the expert comes back.
 """
 
@@ -10,40 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from coordinator import audit
 from coordinator.federation_recipe import current_recipe
 from coordinator.store import ArtifactRecord, AssignmentRecord, Store
-from protocol.canonical import canonical_digest, canonical_json
+from protocol.assignment import ArtifactEntry, Assignment
 from protocol.messages import ArtifactRef, AssignmentReply, AssignmentStatus
+from protocol.recipe_description import RecipeDescription
 
 PENDING_RETRY_SECONDS = 15
-
-
-def assignment_document(
-    federation: str,
-    record: AssignmentRecord,
-    num_experts: int,
-    recipe: dict[str, Any],
-    artifacts: list[ArtifactRef],
-) -> dict[str, object]:
-    """The canonical description of an assignment; its digest is what provenance cites."""
-    return {
-        "federation": federation,
-        "recipe": {
-            "name": recipe["name"],
-            "sha256": recipe["sha256"],
-            "artifact": recipe["artifact"],
-        },
-        "base_model": recipe["base_model"],
-        "site": record.site,
-        "expert_index": record.expert_index,
-        "num_experts": num_experts,
-        "plan_digest": record.plan_digest,
-        "assigned_at": record.assigned_at,
-        "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in artifacts],
-    }
 
 
 @dataclass(frozen=True)
@@ -53,7 +28,7 @@ class IssuedAssignment:
     record: AssignmentRecord
     num_experts: int
     artifacts: tuple[ArtifactRef, ...]
-    document: dict[str, object]
+    document: Assignment
     digest: str
 
 
@@ -61,7 +36,7 @@ def _issue(
     federation: str,
     record: AssignmentRecord,
     num_experts: int,
-    recipe: dict[str, Any],
+    recipe: RecipeDescription,
     artifacts: Sequence[ArtifactRecord],
 ) -> IssuedAssignment:
     # What the site may download: the shared artifacts and its own expert's.
@@ -70,8 +45,17 @@ def _issue(
         for a in artifacts
         if a.audience == "sites" and a.expert in (None, record.expert_index)
     ]
-    document = assignment_document(federation, record, num_experts, recipe, refs)
-    return IssuedAssignment(record, num_experts, tuple(refs), document, canonical_digest(document))
+    document = Assignment.issue(
+        federation=federation,
+        recipe=recipe,
+        site=record.site,
+        expert_index=record.expert_index,
+        num_experts=num_experts,
+        plan_digest=record.plan_digest,
+        assigned_at=record.assigned_at,
+        artifacts=[ArtifactEntry(name=a.name, size=a.size, sha256=a.sha256) for a in refs],
+    )
+    return IssuedAssignment(record, num_experts, tuple(refs), document, document.digest())
 
 
 def current_assignment(store: Store, federation: str, site: str) -> IssuedAssignment | None:
@@ -120,5 +104,5 @@ def get_assignment(
         plan_digest=record.plan_digest,
         assignment_digest=issued.digest,
         artifacts=issued.artifacts,
-        assignment_json=canonical_json(issued.document).decode(),
+        assignment_json=issued.document.canonical(),
     )

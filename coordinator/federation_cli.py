@@ -62,12 +62,12 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps(description, indent=2))
+        print(json.dumps(description.to_json(), indent=2))
     else:
-        base_info = description["base_model"]
-        where = "served to sites" if base_info["served"] else "sites bring their own copy"
-        print(f"recipe {description['name']}: sha256 {description['sha256']}")
-        print(f"base model: digest {base_info['digest']} ({base_info['files']} files, {where})")
+        base_info = description.base_model
+        where = "served to sites" if base_info.served else "sites bring their own copy"
+        print(f"recipe {description.name}: sha256 {description.sha256}")
+        print(f"base model: digest {base_info.digest} ({base_info.files} files, {where})")
     return 0
 
 

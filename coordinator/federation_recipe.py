@@ -14,15 +14,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from coordinator import audit
 from coordinator.artifacts import register_artifact
 from coordinator.state import StateDir
 from coordinator.store import Store
-from protocol.canonical import canonical_json
 from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 from protocol.recipe import BaseSource, load_recipe
+from protocol.recipe_description import (
+    BaseModelDescription,
+    RecipeDescription,
+    parse_recipe_description,
+)
 from protocol.signing import hash_model_files, root_digest
 
 # Bases up to this size are served by the coordinator; larger ones stay at the sites.
@@ -38,9 +41,20 @@ def directory_digest(directory: Path) -> tuple[str, dict[str, str]]:
     return root_digest(files), files
 
 
-def current_recipe(store: Store) -> dict[str, Any] | None:
+def current_recipe(store: Store) -> RecipeDescription | None:
+    """The recorded recipe description, or None before `coordinator recipe`.
+
+    Raises:
+        InvalidArgument: the store holds a description that is not one (named field).
+    """
     text = store.get_meta(RECIPE_META)
-    return None if text is None else dict(json.loads(text))
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise InvalidArgument(f"the store's recipe description: not valid JSON ({error})") from None
+    return parse_recipe_description(data, "the store's recipe description")
 
 
 def _materialize(recipe_path: Path, output: Path) -> None:
@@ -65,12 +79,12 @@ def _materialize(recipe_path: Path, output: Path) -> None:
 
 def set_recipe(
     state: StateDir, store: Store, recipe_path: Path, base_model: Path | None = None
-) -> dict[str, Any]:
+) -> RecipeDescription:
     """Validates and records the recipe (and its base); returns the recorded description."""
     recipe, recipe_sha256 = load_recipe(recipe_path)
     existing = current_recipe(store)
     if store.list_assignments():
-        if existing is not None and existing["sha256"] == recipe_sha256:
+        if existing is not None and existing.sha256 == recipe_sha256:
             return existing
         raise FailedPrecondition(
             "experts are already assigned under the current recipe; it cannot change now"
@@ -136,11 +150,11 @@ def set_recipe(
     if served:
         for name in sorted(files):
             register_artifact(state, store, f"base/{name}", state.root / "base" / name)
-    description = {
-        "name": recipe.name,
-        "sha256": recipe_sha256,
-        "artifact": "recipe/recipe.yaml",
-        "base_model": {"digest": digest, "served": served, "files": len(files), "bytes": size},
-    }
-    store.set_meta(RECIPE_META, canonical_json(description).decode(), audit=audit.recipe_set_event)
+    description = RecipeDescription(
+        name=recipe.name,
+        sha256=recipe_sha256,
+        artifact="recipe/recipe.yaml",
+        base_model=BaseModelDescription(digest=digest, served=served, files=len(files), bytes=size),
+    )
+    store.set_meta(RECIPE_META, description.canonical(), audit=audit.recipe_set_event)
     return description

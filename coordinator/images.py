@@ -48,6 +48,7 @@ from protocol.shard_manifest import (
     IMAGE_PREFIX,
     image_artifact_name,
     load_shard_manifest,
+    shard_artifact_name,
     shard_images,
 )
 
@@ -64,7 +65,6 @@ NOT_SERVED = (
     "`coordinator partition --no-serve-images`): every site brings its own copy of its "
     "shard's images; pass --image-root DIR"
 )
-_SHARD = re.compile(r"^partition/expert-(\d+)\.json$")
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE images (
@@ -117,9 +117,9 @@ def record_images(
         raise FailedPrecondition("no partition plan yet: run `coordinator partition` first")
     root = image_root.resolve()
     shards = sorted(
-        (int(match.group(1)), state.root / artifact.path)
+        (artifact.expert, state.root / artifact.path)
         for artifact in store.list_artifacts()
-        if (match := _SHARD.match(artifact.name)) is not None
+        if artifact.expert is not None and artifact.name == shard_artifact_name(artifact.expert)
     )
     final = state.images_index
     temporary = final.with_name(f".images-{uuid.uuid4().hex[:8]}.db")

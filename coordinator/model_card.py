@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from protocol.partition_plan import PartitionPlan
+
 if TYPE_CHECKING:
     from coordinator.ensemble_experts import ExpertChoice
 
@@ -16,7 +18,7 @@ PAPER = "Maschan, Qu, Liu (2026), Decentralized Autoregressive Generation, arXiv
 def model_card(
     federation: str,
     version: str,
-    plan: dict[str, Any],
+    plan: PartitionPlan,
     router: dict[str, Any],
     fitted: bool,
     experts: list[ExpertChoice],
@@ -28,7 +30,7 @@ def model_card(
     lines = [
         f"# Atoll routed ensemble — federation `{federation}`, {version}",
         "",
-        f"A routed ensemble of {plan['num_experts']} experts, each trained at one site on one "
+        f"A routed ensemble of {plan.num_experts} experts, each trained at one site on one "
         "cluster of the data, implementing the method of:",
         "",
         f"> {PAPER}",
@@ -42,11 +44,11 @@ def model_card(
         f"{' (fitted on held-out data)' if fitted else ''}, "
         f"top-k = {router['top_k']}, text-only prompts: `{router['text_only']}`.",
         (
-            f"Feature model: `{plan['encoder'].get('model')}` ({plan['encoder'].get('backend')}); "
-            if plan["encoder"] is not None
+            f"Feature model: `{plan.encoder.get('model')}` ({plan.encoder.get('backend')}); "
+            if plan.encoder is not None
             else "No image router: the experts were trained on a text-only data set; "
         )
-        + f"plan digest `{plan['digest']}`.",
+        + f"plan digest `{plan.digest}`.",
         "",
         "## Provenance",
         "",
@@ -68,10 +70,10 @@ def model_card(
         "| expert | unique images | samples | image samples | text-only |",
         "|---|---|---|---|---|",
     ]
-    for row in plan.get("clusters", []):
+    for row in plan.clusters:
         lines.append(
-            f"| {row['expert']} | {row.get('unique_images', '-')} | {row.get('samples', '-')} | "
-            f"{row.get('image_samples', '-')} | {row.get('text_only', '-')} |"
+            f"| {row.expert} | {row.unique_images} | {row.samples} | {row.image_samples} | "
+            f"{row.text_only} |"
         )
     lines += ["", "Signed by the coordinator: `model.sig` + `ensemble.sigstore.json`.", ""]
     return "\n".join(lines)

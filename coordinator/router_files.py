@@ -31,6 +31,7 @@ from protocol.encoder_files import (
     hf_identity,
 )
 from protocol.errors import FailedPrecondition, VerificationFailed
+from protocol.partition_plan import PartitionPlan
 
 __all__ = ["cluster_priors", "router_centroids", "router_encoder"]
 
@@ -38,17 +39,15 @@ __all__ = ["cluster_priors", "router_centroids", "router_encoder"]
 _HF_DIGESTS = ("weights", "config_sha256", "preprocessor_sha256")
 
 
-def router_encoder(
-    plan: dict[str, Any], staging: Path, weights_file: Path | None
-) -> dict[str, Any]:
+def router_encoder(plan: PartitionPlan, staging: Path, weights_file: Path | None) -> dict[str, Any]:
     """Copies the plan's feature model into ``router/encoder/``; returns the manifest entry.
 
     Raises:
         FailedPrecondition: the plan names no encoder, or its files are not at hand.
         VerificationFailed: the files are not the ones the plan was made with.
     """
-    identity = dict(plan["encoder"])
-    spec = plan.get("encoder_spec")
+    identity = dict(plan.encoder or {})
+    spec = plan.encoder_spec
     if identity.get("backend") not in ("open_clip", "hf"):
         raise FailedPrecondition(
             "the partition plan does not name the encoder that computed its features "
@@ -225,12 +224,12 @@ def router_centroids(state: StateDir, staging: Path, num_experts: int, dim: int)
     return entry
 
 
-def cluster_priors(plan: dict[str, Any], num_experts: int) -> list[float]:
+def cluster_priors(plan: PartitionPlan, num_experts: int) -> list[float]:
     """p(S_k): each cluster's share of the plan's training samples."""
     counts = [0] * num_experts
-    for row in plan.get("clusters", []):
-        if 0 <= int(row["expert"]) < num_experts:
-            counts[int(row["expert"])] = int(row["samples"])
+    for row in plan.clusters:
+        if row.expert < num_experts:
+            counts[row.expert] = row.samples
     total = sum(counts)
     if total == 0:
         return [1.0 / num_experts] * num_experts

@@ -6,14 +6,18 @@ This module has no torch or numpy, so the agent and the coordinator load it chea
 
 The format (written by ``coordinator partition``)::
 
-    {"expert": 0, "num_experts": 2, "dataset_samples": 130000,
+    {"expert": 0, "num_experts": 2, "dataset_samples": 130000, "dataset_format": "llava",
      "samples": [
         {"id": "1", "image": "coco/train2017/000000033471.jpg", "image_sha256": "9f3c...",
          "conversations": [...]},
         {"id": "text-1", "conversations": [...]},
         {"id": "multi", "image": ["a.jpg", "b.jpg"], "image_sha256": ["..", ".."], ...}]}
 
-A bare JSON list of samples is accepted too (then K is unknown). Image paths are relative to
+An InternVL shard also has ``datasets`` (each data set's meta entry, ``length`` counting its
+samples in this shard) and each sample a ``dataset`` name. :class:`ShardManifest` is the one
+parser every side uses; :func:`shard_manifest_bytes` the one writer; :func:`shard_file_name`
+and :func:`shard_artifact_name` the one spelling of its name. A bare JSON list of samples is
+accepted too (then K is unknown). Image paths are relative to
 an image root: the site's own copy, or the workdir's ``images/`` the agent fills from the
 coordinator.
 """
@@ -23,26 +27,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import PrivateAttr
 
 from protocol.digests import check_sha256_hex
-from protocol.errors import InvalidArgument, NotFound
+from protocol.errors import InvalidArgument
+from protocol.validation import NonNegativeInt, StrictFormat, parse_model, read_json
 
 __all__ = [
     "IMAGE_PREFIX",
+    "PARTITION_PREFIX",
     "ShardManifest",
     "image_artifact_name",
     "image_path",
     "load_shard_manifest",
+    "parse_shard_manifest",
     "sample_images",
     "sample_name",
+    "shard_artifact_name",
+    "shard_file_name",
     "shard_images",
+    "shard_manifest_bytes",
 ]
 
 # A site with no copy of an image asks the coordinator for it by content: images/<sha256>.
 IMAGE_PREFIX = "images/"
+# The coordinator serves the plan's files (plan.json, centroids, shards) under this prefix.
+PARTITION_PREFIX = "partition/"
 
 
 def image_artifact_name(sha256: str) -> str:
@@ -50,34 +63,83 @@ def image_artifact_name(sha256: str) -> str:
     return IMAGE_PREFIX + sha256
 
 
-@dataclass(frozen=True)
-class ShardManifest:
-    """An expert's shard, as read from ``expert-<k>.json``.
+def shard_file_name(expert: int) -> str:
+    """Expert k's shard manifest in the plan's folder: ``expert-<k>.json``."""
+    return f"expert-{expert}.json"
+
+
+def shard_artifact_name(expert: int) -> str:
+    """The artifact a site downloads expert k's shard manifest as: ``partition/expert-<k>.json``."""
+    return PARTITION_PREFIX + shard_file_name(expert)
+
+
+class ShardManifest(StrictFormat):
+    """An expert's shard, as ``coordinator partition`` writes it and every side reads it.
+
+    ``samples`` stay the data set's own records (LLaVA JSON objects or InternVL JSONL lines,
+    plus ``image_sha256`` and, for InternVL, ``dataset``): the trainer hands them to the chat
+    template as they are, and :func:`sample_images` checks their image fields where they are
+    used. ``path`` and ``sha256`` say which file was read (they are not part of it).
 
     Attributes:
-        path: Where it was read from (named in every error).
-        sha256: Digest of the file's bytes.
-        samples: The records, in the data set's own format.
         expert: k, when the manifest says.
         num_experts: K, when the manifest says.
-        dataset_samples: Samples in the whole data set, when the manifest says.
+        dataset_samples: Samples in the whole data set (after skipped ones), when it says.
+        dataset_format: ``llava`` or ``internvl``, when it says.
+        datasets: InternVL only: each data set's meta entry, ``length`` = its samples here.
+        samples: The records.
     """
 
-    path: Path
-    sha256: str
+    expert: NonNegativeInt | None = None
+    num_experts: NonNegativeInt | None = None
+    dataset_samples: NonNegativeInt | None = None
+    dataset_format: Literal["llava", "internvl"] | None = None
+    datasets: dict[str, dict[str, Any]] | None = None
     samples: list[dict[str, Any]]
-    expert: int | None = None
-    num_experts: int | None = None
-    dataset_samples: int | None = None
+    _path: Path = PrivateAttr(default=Path("expert.json"))
+    _sha256: str = PrivateAttr(default="")
+
+    @property
+    def path(self) -> Path:
+        """Where the manifest was read from (named in every error)."""
+        return self._path
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of the file's bytes (what provenance cites)."""
+        return self._sha256
+
+    def to_json(self) -> dict[str, Any]:
+        """The document as written: fields in order, absent ones (None) left out."""
+        names = type(self).model_fields
+        return {name: value for name in names if (value := getattr(self, name)) is not None}
 
 
-def _optional_int(document: dict[str, Any], key: str, where: str) -> int | None:
-    value = document.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidArgument(f"{where}: {key}: expected a non-negative integer, got {value!r}")
-    return value
+def shard_manifest_bytes(manifest: ShardManifest) -> bytes:
+    """The bytes ``coordinator partition`` writes (compact JSON, one line): their sha256 is
+    the shard digest sites sign, so this layout must never change."""
+    text = json.dumps(manifest.to_json(), ensure_ascii=False, separators=(",", ":"))
+    return (text + "\n").encode("utf-8")
+
+
+def parse_shard_manifest(raw: bytes, document: Any, path: Path) -> ShardManifest:
+    """Validates a decoded shard manifest read from ``path`` (``raw``: the file's bytes).
+
+    Raises:
+        InvalidArgument: naming the file and each field that is wrong.
+    """
+    where = f"shard manifest {path}"
+    if isinstance(document, list):  # a bare list of samples (then K is unknown)
+        document = {"samples": document}
+    if not isinstance(document, dict) or not isinstance(document.get("samples"), list):
+        raise InvalidArgument(f"{where}: expected an object with a 'samples' list")
+    for index, sample in enumerate(document["samples"]):
+        if not isinstance(sample, dict):
+            raise InvalidArgument(f"{where}: samples[{index}]: expected an object")
+    manifest = parse_model(ShardManifest, document, where)
+    manifest._path = path
+    manifest._sha256 = hashlib.sha256(raw).hexdigest()
+    return manifest
 
 
 def load_shard_manifest(path: Path) -> ShardManifest:
@@ -85,33 +147,11 @@ def load_shard_manifest(path: Path) -> ShardManifest:
 
     Raises:
         NotFound: no such file.
-        InvalidArgument: not JSON, or not an object with a ``samples`` list of objects.
+        InvalidArgument: not JSON, or not an object with a ``samples`` list of objects, or a
+            field of the wrong type (named).
     """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"shard manifest {path}: no such file") from None
-    where = f"shard manifest {path.name}"
-    try:
-        document = json.loads(raw)
-    except ValueError as error:
-        raise InvalidArgument(f"{where}: not valid JSON ({error})") from None
-    if isinstance(document, list):
-        document = {"samples": document}
-    if not isinstance(document, dict) or not isinstance(document.get("samples"), list):
-        raise InvalidArgument(f"{where}: expected an object with a 'samples' list")
-    samples = document["samples"]
-    for index, sample in enumerate(samples):
-        if not isinstance(sample, dict):
-            raise InvalidArgument(f"{where}: samples[{index}]: expected an object")
-    return ShardManifest(
-        path=path,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        samples=samples,
-        expert=_optional_int(document, "expert", where),
-        num_experts=_optional_int(document, "num_experts", where),
-        dataset_samples=_optional_int(document, "dataset_samples", where),
-    )
+    raw, document = read_json(path, "shard manifest")
+    return parse_shard_manifest(raw, document, path)
 
 
 def sample_name(sample: dict[str, Any], index: int) -> str:

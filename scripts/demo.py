@@ -594,27 +594,29 @@ def evaluate(run: Runner, ensemble: Path, dense: Path, data: Path, out: Path) ->
 def balance(federation: Federation, data: Path) -> list[dict[str, Any]]:
     """Per cluster: images, samples, text-only samples (the plan's counts) and how many of its
     images come from each domain (from the shard manifests)."""
-    plan = json.loads((federation.state / "partition" / "plan.json").read_text())
+    from protocol.partition_plan import load_plan
+    from protocol.shard_manifest import load_shard_manifest, shard_file_name
+
+    folder = federation.state / "partition"
+    plan = load_plan(folder)
     rows = []
-    for cluster in plan["clusters"]:
-        shard = json.loads(
-            (federation.state / "partition" / f"expert-{cluster['expert']}.json").read_text()
-        )
+    for cluster in plan.clusters:
+        shard = load_shard_manifest(folder / shard_file_name(cluster.expert))
         domains: dict[str, int] = {}
         seen = set()
-        for sample in shard.get("samples", []):
-            image = sample.get("image") if isinstance(sample, dict) else None
-            digest = sample.get("image_sha256", image) if isinstance(sample, dict) else None
+        for sample in shard.samples:
+            image = sample.get("image")
+            digest = sample.get("image_sha256", image)
             if isinstance(image, str) and digest not in seen:
                 seen.add(digest)
                 domain = image.split("/", 1)[0]
                 domains[domain] = domains.get(domain, 0) + 1
         rows.append(
             {
-                "expert": cluster["expert"],
-                "unique_images": cluster.get("unique_images"),
-                "samples": cluster.get("samples"),
-                "text_only": cluster.get("text_only"),
+                "expert": cluster.expert,
+                "unique_images": cluster.unique_images,
+                "samples": cluster.samples,
+                "text_only": cluster.text_only,
                 "images_by_domain": domains,
             }
         )

@@ -6,7 +6,6 @@ second download of a verified artifact, the same expert slot.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -17,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from protocol.assignment import SiteAssignment, parse_assignment, parse_site_assignment
 from protocol.client import Credentials, FederationClient, enrol_with_token
 from protocol.download import download_artifact
 from protocol.errors import (
@@ -193,7 +193,7 @@ class Agent:
             self.halt()
         return reply.directive
 
-    def fetch_assignment(self) -> dict[str, Any] | None:
+    def fetch_assignment(self) -> SiteAssignment | None:
         """The assignment (from the workdir, else the coordinator), or None while pending."""
         saved = self.workdir.assignment()
         if saved is not None or self.client is None:
@@ -203,32 +203,37 @@ class Agent:
             # Polled again after the next heartbeat: both calls are cheap and idempotent.
             self._set_phase("waiting", reply.reason)
             return None
-        document = {
-            "assignment": json.loads(reply.assignment_json),
-            "assignment_digest": reply.assignment_digest,
-            "expert_index": reply.expert_index,
-            "num_experts": reply.num_experts,
-            "plan_digest": reply.plan_digest,
-            "artifacts": [
-                {"name": a.name, "size": a.size, "sha256": a.sha256} for a in reply.artifacts
-            ],
-        }
-        self.workdir.save_assignment(document)
+        document = parse_assignment(reply.assignment_json, "the coordinator's assignment")
+        # The reply's own fields repeat the document's; SiteAssignment checks they agree.
+        assignment = parse_site_assignment(
+            {
+                "assignment": document.to_json(),
+                "assignment_digest": reply.assignment_digest,
+                "expert_index": reply.expert_index,
+                "num_experts": reply.num_experts,
+                "plan_digest": reply.plan_digest,
+                "artifacts": [
+                    {"name": a.name, "size": a.size, "sha256": a.sha256} for a in reply.artifacts
+                ],
+            },
+            "the coordinator's assignment reply",
+        )
+        self.workdir.save_assignment(assignment)
         self._set_phase("assigned", f"expert {reply.expert_index} of {reply.num_experts}")
-        return document
+        return assignment
 
-    def fetch_artifacts(self, assignment: dict[str, Any]) -> None:
+    def fetch_artifacts(self, assignment: SiteAssignment) -> None:
         assert self.client is not None
-        refs = [ArtifactRef(**a) for a in assignment["artifacts"]]
+        refs = [ArtifactRef(a.name, a.size, a.sha256) for a in assignment.artifacts]
         self._set_phase("downloading", f"{len(refs)} artifact(s)")
         for ref in refs:
             download_artifact(self.client, ref, self.workdir.artifacts_dir, self.progress)
         if self.prepare_images(assignment).complete:
-            self._set_phase("ready", f"expert {assignment['expert_index']}: artifacts verified")
+            self._set_phase("ready", f"expert {assignment.expert_index}: artifacts verified")
 
-    def prepare_images(self, assignment: dict[str, Any]) -> ImagesReady:
+    def prepare_images(self, assignment: SiteAssignment) -> ImagesReady:
         """The shard's images: the site's own copy, completed from the coordinator."""
-        shard = f"partition/expert-{assignment['expert_index']}.json"
+        shard = assignment.assignment.shard_artifact
 
         def tick(message: str) -> None:
             self.message = message
@@ -263,7 +268,7 @@ class Agent:
         if time.monotonic() >= self._next_beat:
             self.beat()
 
-    def work(self, assignment: dict[str, Any]) -> None:
+    def work(self, assignment: SiteAssignment) -> None:
         """Trains, signs and uploads this site's expert, resuming at the saved phase."""
         inputs = expert.resolve_inputs(self.workdir, assignment, self.base_model)
         state = self.workdir.agent_state()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from protocol.assignment import load_site_assignment
 from protocol.cli_support import parse_duration, run_parser
 from protocol.client import FederationClient
 from protocol.errors import FailedPrecondition, Interrupted, InvalidArgument
@@ -20,7 +21,7 @@ from protocol.retry import Retry
 from protocol.x509 import load_certificate
 from site_agent.agent import RESUMABLE, Agent, connect, enrol, require_enrolled
 from site_agent.launch import LaunchSettings, SlurmSettings, local_processes, parse_gpus
-from site_agent.workdir import Workdir, read_json
+from site_agent.workdir import Workdir
 
 log = logging.getLogger("atoll.site")
 # An enrolled site rides out a coordinator down for a long weekend; first contact does not.
@@ -112,17 +113,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     require_enrolled(workdir)
     launch = _launch(args)
     if args.assignment:
-        given = read_json(Path(args.assignment))
-        if not isinstance(given, dict) or "assignment_digest" not in given:
-            raise InvalidArgument(
-                f"--assignment {args.assignment}: expected an assignment.json written by "
-                "`site-agent join` (with assignment_digest)"
-            )
+        given = load_site_assignment(Path(args.assignment))
         saved = workdir.assignment()
-        if saved is not None and saved["assignment_digest"] != given["assignment_digest"]:
+        if saved is not None and saved.assignment_digest != given.assignment_digest:
             raise FailedPrecondition(
-                f"{workdir.root} holds assignment {saved['assignment_digest'][:16]}.., not "
-                f"{given['assignment_digest'][:16]}.. from {args.assignment}: use another --workdir"
+                f"{workdir.root} holds assignment {saved.assignment_digest[:16]}.., not "
+                f"{given.assignment_digest[:16]}.. from {args.assignment}: use another --workdir"
             )
         workdir.save_assignment(given)
     if workdir.assignment() is None:
@@ -168,8 +164,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "spiffe_id": identity.spiffe_id,
         "coordinator": identity.coordinator,
         "certificate_expires": cert.not_valid_after_utc.isoformat(),
-        "expert_index": None if assignment is None else assignment["expert_index"],
-        "assignment_digest": None if assignment is None else assignment["assignment_digest"],
+        "expert_index": None if assignment is None else assignment.expert_index,
+        "assignment_digest": None if assignment is None else assignment.assignment_digest,
         "phase": agent.get("phase", "enrolled"),
         "message": agent.get("message", ""),
         "step": agent.get("step", 0),

@@ -14,6 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from protocol.assignment import SiteAssignment
 from protocol.digests import file_sha256
 from protocol.errors import FailedPrecondition, NotFound, VerificationFailed
 from protocol.provenance import TrainingRun, sign_expert
@@ -45,7 +46,7 @@ class ExpertInputs:
 
 
 def resolve_inputs(
-    workdir: Workdir, assignment: dict[str, Any], base_model: Path | None
+    workdir: Workdir, assignment: SiteAssignment, base_model: Path | None
 ) -> ExpertInputs:
     """Finds and checks every file the assignment names; a mismatch stops with both digests.
 
@@ -54,53 +55,49 @@ def resolve_inputs(
         assignment: The saved assignment (``workdir.assignment()``).
         base_model: The site's own copy of the base, for bases the coordinator does not serve.
     """
-    document = assignment["assignment"]
-    expert = int(assignment["expert_index"])
-    artifacts = {a["name"]: a for a in assignment["artifacts"]}
+    document = assignment.assignment
     root = workdir.artifacts_dir
 
     def artifact(name: str) -> tuple[Path, str]:
-        if name not in artifacts:
-            raise NotFound(f"assignment: lists no artifact {name!r}")
+        expected = assignment.artifact(name).sha256
         path = root / name
         if not path.is_file():
             raise NotFound(f"{path}: missing; run `site-agent join` to download the artifacts")
-        expected = artifacts[name]["sha256"]
         actual = file_sha256(path)
         if actual != expected:
             raise VerificationFailed(f"{path}: expected sha256 {expected}, got {actual}")
         return path, actual
 
-    recipe_info = document["recipe"]
-    recipe, recipe_sha256 = artifact(recipe_info["artifact"])
-    if recipe_sha256 != recipe_info["sha256"]:
+    recipe_info = document.recipe
+    recipe, recipe_sha256 = artifact(recipe_info.artifact)
+    if recipe_sha256 != recipe_info.sha256:
         raise VerificationFailed(
-            f"{recipe}: expected recipe sha256 {recipe_info['sha256']}, got {recipe_sha256}"
+            f"{recipe}: expected recipe sha256 {recipe_info.sha256}, got {recipe_sha256}"
         )
-    shard, shard_sha256 = artifact(f"partition/expert-{expert}.json")
+    shard, shard_sha256 = artifact(document.shard_artifact)
 
-    base_info = document["base_model"]
-    if base_info["served"]:
+    base_info = document.base_model
+    if base_info.served:
         base_dir = root / "base"
     elif base_model is None:
         raise FailedPrecondition(
             "this federation's base model is not served by the coordinator: pass "
             "--base-model PATH (your local copy; its digest must be "
-            f"{base_info['digest']})"
+            f"{base_info.digest})"
         )
     else:
         base_dir = base_model
     if not base_dir.is_dir():
         raise NotFound(f"base model {base_dir}: not a directory")
     digest = root_digest(hash_model_files(base_dir))
-    if digest != base_info["digest"]:
+    if digest != base_info.digest:
         raise VerificationFailed(
-            f"base model {base_dir}: expected digest {base_info['digest']}, got {digest} "
+            f"base model {base_dir}: expected digest {base_info.digest}, got {digest} "
             "(a different checkpoint than the federation's)"
         )
     return ExpertInputs(
-        expert_index=expert,
-        assignment_digest=str(assignment["assignment_digest"]),
+        expert_index=assignment.expert_index,
+        assignment_digest=assignment.assignment_digest,
         recipe=recipe,
         recipe_sha256=recipe_sha256,
         shard=shard,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.assignment import SiteAssignment, parse_site_assignment
 from protocol.errors import FailedPrecondition, InvalidArgument
 
 
@@ -103,12 +104,17 @@ class Workdir:
     def save_identity(self, identity: SiteIdentity) -> None:
         write_json(self.site_file, asdict(identity))
 
-    def assignment(self) -> dict[str, Any] | None:
-        data = read_json(self.assignment_file)
-        return data if isinstance(data, dict) else None
+    def assignment(self) -> SiteAssignment | None:
+        """The saved assignment, or None before one was issued.
 
-    def save_assignment(self, document: dict[str, Any]) -> None:
-        write_json(self.assignment_file, document)
+        Raises:
+            InvalidArgument: ``assignment.json`` is not a valid assignment (named field).
+        """
+        data = read_json(self.assignment_file)
+        return None if data is None else parse_site_assignment(data, str(self.assignment_file))
+
+    def save_assignment(self, assignment: SiteAssignment) -> None:
+        write_json(self.assignment_file, assignment.to_json())
 
     def agent_state(self) -> dict[str, Any]:
         data = read_json(self.agent_file)

@@ -20,11 +20,17 @@ from safetensors.numpy import save_file
 
 from coordinator.artifacts import register_artifact
 from coordinator.store import PlanRecord
-from protocol.canonical import canonical_digest
 from protocol.client import FederationClient
 from protocol.digests import file_sha256
 from protocol.messages import AssignmentReply, CommitResult
+from protocol.partition_plan import PLAN_FILE, PartitionPlan, PlanContent, plan_bytes
 from protocol.provenance import TrainingRun, sign_expert
+from protocol.shard_manifest import (
+    ShardManifest,
+    shard_artifact_name,
+    shard_file_name,
+    shard_manifest_bytes,
+)
 from site_agent.transfer import upload_directory
 from site_agent.workdir import Workdir
 
@@ -66,37 +72,49 @@ def write_plan(
     save_file(tensors, str(folder / "centroids.safetensors"))
     files = {"centroids.safetensors": file_sha256(folder / "centroids.safetensors")}
     for k, count in enumerate(samples):
-        shard = {
-            "expert": k,
-            "num_experts": len(samples),
-            "samples": [f"s{k}-{i}" for i in range(count)],
-        }
-        (folder / f"expert-{k}.json").write_text(json.dumps(shard))
-        files[f"expert-{k}.json"] = file_sha256(folder / f"expert-{k}.json")
-        register_artifact(
-            state, store, f"partition/expert-{k}.json", folder / f"expert-{k}.json", expert=k
+        shard = ShardManifest(
+            expert=k,
+            num_experts=len(samples),
+            dataset_samples=sum(samples),
+            dataset_format="llava",
+            samples=[{"id": f"s{k}-{i}", "text": "x"} for i in range(count)],
         )
-    document: dict[str, Any] = {
-        "format": "atoll-partition-plan/1",
-        "num_experts": len(samples),
-        "seed": 0,
-        "encoder": encoder or TINY_ENCODER,
-        **(extra or {}),
-        "clusters": [
-            {"expert": k, "unique_images": n, "samples": n, "image_samples": n, "text_only": 0}
-            for k, n in enumerate(samples)
-        ],
-        "files": files,
-    }
-    document["digest"] = canonical_digest(document)
-    (folder / "plan.json").write_text(json.dumps(document, indent=1))
-    register_artifact(state, store, "partition/plan.json", folder / "plan.json")
+        (folder / shard_file_name(k)).write_bytes(shard_manifest_bytes(shard))
+        files[shard_file_name(k)] = file_sha256(folder / shard_file_name(k))
+        register_artifact(
+            state, store, shard_artifact_name(k), folder / shard_file_name(k), expert=k
+        )
+    total = sum(samples)
+    content = PlanContent.model_validate(
+        {
+            "format": "atoll-partition-plan/1",
+            "num_experts": len(samples),
+            "seed": 0,
+            "dataset": {
+                "file": "data.json", "format": "llava", "sha256": "5" * 64, "samples": total,
+                "image_references": total, "unique_images": total, "text_only": 0,
+                "skipped": {"missing_images": 0, "unreadable_images": 0, "samples": 0},
+            },
+            "encoder": encoder or TINY_ENCODER,
+            **(extra or {}),
+            "algorithm": {"name": "balanced"},
+            "text_only": {"strategy": "random-equal", "seed": 0},
+            "clusters": [
+                {"expert": k, "unique_images": n, "samples": n, "image_samples": n, "text_only": 0}
+                for k, n in enumerate(samples)
+            ],
+            "sample_experts": [k for k, n in enumerate(samples) for _ in range(n)],
+        }
+    )  # fmt: skip
+    plan = PartitionPlan.seal(content, files)
+    (folder / PLAN_FILE).write_bytes(plan_bytes(plan))
+    register_artifact(state, store, "partition/plan.json", folder / PLAN_FILE)
     register_artifact(
         state, store, "partition/centroids.safetensors", folder / "centroids.safetensors"
     )
-    store.put_plan(PlanRecord(document["digest"], len(samples), time.time()))
+    store.put_plan(PlanRecord(plan.digest, len(samples), time.time()))
     record_test_recipe(store)
-    return str(document["digest"])
+    return plan.digest
 
 
 def join(running: Any, tmp: Path, names: list[str]) -> list[Site]:

@@ -19,21 +19,21 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def test_tiny_recipe_materialises_and_serves_its_base(running: Any, tmp_path: Path) -> None:
     state, store = running.state, running.coordinator.store
     described = set_recipe(state, store, CONFIGS / "tiny-cpu.yaml")
-    assert described["base_model"]["served"] is True
-    assert described["base_model"]["digest"] == directory_digest(state.root / "base")[0]
+    assert described.base_model.served is True
+    assert described.base_model.digest == directory_digest(state.root / "base")[0]
     names = {a.name for a in store.list_artifacts()}
     assert "recipe/recipe.yaml" in names and "base/config.json" in names
     assert any(n.startswith("base/") and n.endswith(".safetensors") for n in names)
     assert current_recipe(store) == described
 
     running.add_plan(1)
-    store.set_meta("recipe", json.dumps(described))  # add_plan records a test recipe
+    store.set_meta("recipe", described.canonical())  # add_plan records a test recipe
     workdir = running.enrol(tmp_path, "alpha")
     with running.client(workdir) as client:
         reply = client.get_assignment()
     document = json.loads(reply.assignment_json)
-    assert document["recipe"]["sha256"] == described["sha256"]
-    assert document["base_model"]["digest"] == described["base_model"]["digest"]
+    assert document["recipe"]["sha256"] == described.sha256
+    assert document["base_model"]["digest"] == described.base_model.digest
     assert {"recipe/recipe.yaml", "base/config.json"} <= {a.name for a in reply.artifacts}
 
     # Once an expert is assigned, the recipe is fixed (the same one again is a no-op).
@@ -65,7 +65,7 @@ def test_pretrained_base_is_recorded_by_digest(running: Any, tmp_path: Path) -> 
     described = set_recipe(
         running.state, running.coordinator.store, recipe_dir / "llava-1.5-7b-lora.yaml", base
     )
-    assert described["base_model"]["digest"] == directory_digest(base)[0]
+    assert described.base_model.digest == directory_digest(base)[0]
     names = {a.name for a in running.coordinator.store.list_artifacts()}
     assert "recipe/deepspeed/zero3.json" in names  # the recipe's DeepSpeed config travels too
 

@@ -95,9 +95,9 @@ def assigned(running: Any, tmp_path: Path, site: str = "alpha") -> tuple[Any, Pa
         agent = Agent(workdir, client)
         assignment = agent.fetch_assignment()
         assert assignment is not None
-        for ref in assignment["artifacts"]:
-            download_artifact(client, ArtifactRef(**ref), workdir.artifacts_dir)
-    shard = workdir.artifacts_dir / "partition" / f"expert-{assignment['expert_index']}.json"
+        for ref in assignment.artifacts:
+            download_artifact(client, ArtifactRef(**ref.model_dump()), workdir.artifacts_dir)
+    shard = workdir.artifacts_dir / assignment.assignment.shard_artifact
     return workdir, shard
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from coordinator.federation_recipe import set_recipe
 from coordinator.images import record_images
+from protocol.assignment import SiteAssignment
 from protocol.errors import VerificationFailed
 from protocol.exit_codes import ExitCode
 from protocol.provenance import verify_expert
@@ -123,13 +124,22 @@ def test_offline_train_refuses_another_assignment(running: Any, tmp_path: Path) 
     workdir = running.enrol(tmp_path, "alpha")
     with running.client(workdir) as client:
         Agent(workdir, client).fetch_assignment()
+    saved = workdir.assignment()
+    assert saved is not None
+    # Another assignment: the same slot issued at another time (so another digest).
+    moved = saved.assignment.model_copy(update={"assigned_at": saved.assignment.assigned_at + 1})
     other = tmp_path / "other-assignment.json"
-    document = workdir.assignment() or {}
-    other.write_text(json.dumps({**document, "assignment_digest": "9" * 64}))
+    other.write_text(json.dumps(SiteAssignment.of(moved).to_json()))
     code = site_agent_main(["train", "--workdir", str(workdir.root), "--assignment", str(other)])
     assert code == ExitCode.PRECONDITION
-    assert workdir.assignment() == document  # the workdir's own assignment is untouched
+    assert workdir.assignment() == saved  # the workdir's own assignment is untouched
     assert not (workdir.root / "run").exists()
+    # A file whose digest is not its document's is refused as it is read, naming the field.
+    forged = tmp_path / "forged-assignment.json"
+    forged.write_text(json.dumps({**saved.to_json(), "assignment_digest": "9" * 64}))
+    code = site_agent_main(["train", "--workdir", str(workdir.root), "--assignment", str(forged)])
+    assert code == ExitCode.BAD_INPUT
+    assert workdir.assignment() == saved
 
 
 def test_join_with_two_processes_ends_accepted(running: Any, tmp_path: Path) -> None:

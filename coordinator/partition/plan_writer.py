@@ -5,14 +5,13 @@ for the files): to a temporary sibling directory first, then renamed into place,
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +19,16 @@ from coordinator import audit
 from coordinator.artifacts import register_artifact
 from coordinator.state import StateDir
 from coordinator.store import PlanRecord
-from protocol.canonical import canonical_digest, canonical_json
+from protocol.canonical import canonical_json
 from protocol.digests import file_sha256
-from protocol.errors import FailedPrecondition
+from protocol.errors import AtollError, FailedPrecondition
+from protocol.partition_plan import CENTROIDS_FILE, PLAN_FILE, PartitionPlan, load_plan, plan_bytes
+from protocol.shard_manifest import (
+    PARTITION_PREFIX,
+    shard_artifact_name,
+    shard_file_name,
+    shard_manifest_bytes,
+)
 
 if TYPE_CHECKING:
     from coordinator.partition.plan import Plan
@@ -45,15 +51,15 @@ class PlanWriteResult:
     directory: Path
 
 
-def _write_files(directory: Path, plan: Plan) -> dict[str, Any]:
-    """Writes the plan's files into ``directory``; returns the final ``plan.json`` document."""
+def _write_files(directory: Path, plan: Plan) -> PartitionPlan:
+    """Writes the plan's files into ``directory``; returns the final ``plan.json``."""
     from safetensors.numpy import save_file
 
     # One metadata key: safetensors stores metadata as a map whose order is not guaranteed,
     # and the bytes must be the same on every run.
     metadata = {
         "atoll": canonical_json(
-            {"format": "atoll-centroids/1", "encoder": plan.document["encoder"]}
+            {"format": "atoll-centroids/1", "encoder": plan.content.encoder}
         ).decode()
     }
     files: dict[str, str] = {}
@@ -63,30 +69,25 @@ def _write_files(directory: Path, plan: Plan) -> dict[str, Any]:
             tensors["center"] = np.ascontiguousarray(plan.center, dtype=np.float32)
         save_file(
             tensors,
-            str(directory / "centroids.safetensors"),
+            str(directory / CENTROIDS_FILE),
             metadata=metadata,
         )
-        files["centroids.safetensors"] = file_sha256(directory / "centroids.safetensors")
+        files[CENTROIDS_FILE] = file_sha256(directory / CENTROIDS_FILE)
     for shard in plan.shards:
-        name = f"expert-{shard['expert']}.json"
-        with (directory / name).open("w", encoding="utf-8") as handle:
-            json.dump(shard, handle, ensure_ascii=False, separators=(",", ":"))
-            handle.write("\n")
+        assert shard.expert is not None  # a plan's shards always say which expert they are
+        name = shard_file_name(shard.expert)
+        (directory / name).write_bytes(shard_manifest_bytes(shard))
         files[name] = file_sha256(directory / name)
-    document = {**plan.document, "files": files}
-    document["digest"] = canonical_digest(document)
-    with (directory / "plan.json").open("w", encoding="utf-8") as handle:
-        json.dump(document, handle, ensure_ascii=False, indent=1)
-        handle.write("\n")
-    return document
+    sealed = PartitionPlan.seal(plan.content, files)
+    (directory / PLAN_FILE).write_bytes(plan_bytes(sealed))
+    return sealed
 
 
 def _existing_digest(directory: Path) -> str | None:
     try:
-        digest = json.loads((directory / "plan.json").read_text())["digest"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return digest if isinstance(digest, str) else None
+        return load_plan(directory / PLAN_FILE).digest
+    except AtollError:
+        return None  # no plan yet, or one that cannot stand: replaced either way
 
 
 def write_plan(state: StateDir, plan: Plan) -> PlanWriteResult:
@@ -101,8 +102,7 @@ def write_plan(state: StateDir, plan: Plan) -> PlanWriteResult:
         final = state.partition_dir
         staging = Path(tempfile.mkdtemp(prefix=".partition-", dir=state.root))
         try:
-            document = _write_files(staging, plan)
-            digest = document["digest"]
+            digest = _write_files(staging, plan).digest
             changed = _existing_digest(final) != digest
             current = store.get_plan()
             if current is not None and current.digest != digest and store.list_assignments():
@@ -117,7 +117,7 @@ def write_plan(state: StateDir, plan: Plan) -> PlanWriteResult:
         store.put_plan(
             PlanRecord(
                 digest=digest,
-                num_experts=plan.document["num_experts"],
+                num_experts=plan.content.num_experts,
                 created_at=time.time(),
                 summary_json=canonical_json(plan.summary).decode(),
             ),
@@ -125,16 +125,17 @@ def write_plan(state: StateDir, plan: Plan) -> PlanWriteResult:
         )
         if changed:
             # A plan with fewer experts must not leave the old plan's extra shards served.
-            store.remove_artifacts("partition/")
+            store.remove_artifacts(PARTITION_PREFIX)
         if plan.centroids is not None:
             register_artifact(
-                state, store, "partition/centroids.safetensors", final / "centroids.safetensors"
+                state, store, PARTITION_PREFIX + CENTROIDS_FILE, final / CENTROIDS_FILE
             )
-        register_artifact(state, store, "partition/plan.json", final / "plan.json")
+        register_artifact(state, store, PARTITION_PREFIX + PLAN_FILE, final / PLAN_FILE)
         for shard in plan.shards:
-            k = shard["expert"]
+            k = shard.expert
+            assert k is not None
             register_artifact(
-                state, store, f"partition/expert-{k}.json", final / f"expert-{k}.json", expert=k
+                state, store, shard_artifact_name(k), final / shard_file_name(k), expert=k
             )
         return PlanWriteResult(digest=digest, changed=changed, directory=final)
     finally:

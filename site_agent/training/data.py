@@ -1,26 +1,18 @@
 """From an expert's shard manifest to batches of token ids, labels and pixels.
 
-A shard manifest (``expert-<k>.json``) is a JSON object::
+The shard manifest (``expert-<k>.json``) is read by :mod:`protocol.shard_manifest`, the one
+parser the site agent and the coordinator share (``docs/formats.md``): ``expert``,
+``num_experts`` (match-dense-steps needs it), ``dataset_samples``, then ``samples``, the data
+set's own records (LLaVA JSON / InternVL JSONL lines)::
 
-    {
-      "expert": 0,                   # k
-      "num_experts": 2,              # K (match-dense-steps needs it)
-      "dataset_samples": 130000,     # optional: samples of the whole data set
-      "samples": [                   # the data set's own records (LLaVA JSON / InternVL JSONL lines)
-        {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
-         "image_sha256": "9f3c...", "conversations": [
-            {"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
-            {"from": "gpt", "value": "The bus is white and red."}]},
-        {"id": "text-1", "conversations": [...]},             # text-only
-        {"id": "multi", "image": ["a.jpg", "b.jpg"], "image_sha256": ["..", ".."], ...}
-      ]
-    }
+    {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
+     "image_sha256": "9f3c...", "conversations": [
+        {"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+        {"from": "gpt", "value": "The bus is white and red."}]}
 
-A bare JSON list of samples is accepted too (then K is unknown); the format is read by
-:mod:`protocol.shard_manifest`, which the site agent and the coordinator share. Every image is
-checked against its ``image_sha256`` before training starts. Each conversation is rendered with the model's own
-chat template; labels are -100 everywhere except the assistant turns (the loss is on answers
-only, as in LLaVA); ``<image>`` becomes an image part where the text had it, and the processor's
+Every image is checked against its ``image_sha256`` before training starts. Each
+conversation is rendered with the model's own chat template; labels are -100 everywhere except
+the assistant turns (the loss is on answers only, as in LLaVA); ``<image>`` becomes an image part where the text had it, and the processor's
 expansion (e.g. 576 ``<image>`` tokens, or ``<img>`` + 256 ``<IMG_CONTEXT>`` + ``</img>``) takes
 its place. Samples longer than ``data.max_length`` are truncated (never through an image) and
 counted. A ``{"text": ...}`` sample is plain language modelling: every token is a label.

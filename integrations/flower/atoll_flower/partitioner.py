@@ -127,6 +127,8 @@ class AtollPartitioner(Partitioner):
         # plan.json keeps labels in data set order; the shard manifests name the samples.
         by_id: dict[str, int] = {}
         for k in range(self._num_partitions):
+            # Atoll's shard name (protocol.shard_manifest.shard_file_name), spelled here
+            # because this package runs in its own environment and never imports Atoll.
             shard = json.loads((Path(where).parent / f"expert-{k}.json").read_text())
             by_id.update({str(s["id"]): k for s in shard["samples"]})
         ids = [str(i) for i in self.dataset[self._id_column]]

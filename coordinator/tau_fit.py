@@ -21,6 +21,7 @@ from typing import Any
 from protocol.digests import file_sha256
 from protocol.ensemble_manifest import MANIFEST_FILE
 from protocol.errors import InvalidArgument
+from protocol.progress import progress_bars
 
 __all__ = ["COMPARED_TAUS", "fit_router_tau"]
 
@@ -41,9 +42,6 @@ def fit_router_tau(
         NotFound: the data file or one of its images is missing.
         InvalidArgument: no reference answers, or no question with an image.
     """
-    from rich.console import Console
-    from rich.progress import Progress
-
     from ensemble.calibration import answer_log_likelihoods, fit_tau
     from ensemble.evaluate import load_eval_data
     from ensemble.runtime import RoutedEnsemble
@@ -57,14 +55,13 @@ def fit_router_tau(
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     try:
         ensemble = RoutedEnsemble.from_pretrained(staging, verify=False, device=device)
-        with Progress(console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task("fitting tau: scoring answers", total=len(samples))
+        with progress_bars() as bars:
             scores = answer_log_likelihoods(
                 ensemble,
                 [s.image for s in samples],
                 [s.question for s in samples],
                 [s.answers[0] for s in samples],
-                progress=lambda n: progress.advance(task, n),
+                progress=bars.add("fitting tau: scoring answers", len(samples)),
             )
     finally:
         (staging / MANIFEST_FILE).unlink(missing_ok=True)

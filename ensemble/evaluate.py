@@ -40,6 +40,7 @@ from ensemble.eval_data import OVERALL, EvalSample, load_eval_data
 from ensemble.metrics import METRICS, score
 from ensemble.scheduling import slices
 from protocol.errors import InvalidArgument
+from protocol.progress import progress_bars
 
 __all__ = [
     "Answerer",
@@ -139,18 +140,16 @@ def evaluate(
             groups[(benchmark, task)] = groups.get((benchmark, task), 0) + 1
     groups = dict(sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] != OVERALL)))
 
-    from rich.progress import Progress
-
     predictions: dict[str, list[str]] = {name: [] for name in systems}
-    with Progress(disable=not progress, transient=True) as bar:
-        tasks = {name: bar.add_task(f"[cyan]{name}", total=len(samples)) for name in systems}
+    with progress_bars(progress) as bars:
+        advance = {name: bars.add(name, len(samples)) for name in systems}
         for part in slices(len(samples), window):
             chunk = samples[part]
             images = [None if s.image is None else open_image(s.image) for s in chunk]
             questions = [s.question for s in chunk]
             for name, answer in systems.items():
                 predictions[name].extend(a.strip() for a in answer(images, questions))
-                bar.advance(tasks[name], len(chunk))
+                advance[name](len(chunk))
 
     scores: dict[str, dict[str, float]] = {}
     for name in systems:

@@ -30,10 +30,10 @@ from typing import Any
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
-from tqdm import tqdm
 
 from ensemble.likelihood import continuation_log_likelihood
 from ensemble.runtime import RoutedEnsemble
+from protocol.progress import progress_bars
 
 __all__ = ["AtollEnsemble", "manifest"]
 
@@ -77,45 +77,48 @@ class AtollEnsemble(lmms):
         for position, request in enumerate(requests):
             key = json.dumps(request.args[1], sort_keys=True, default=str)
             groups.setdefault(key, []).append(position)
-        bar = tqdm(total=len(requests), desc="atoll generate_until", disable=self.rank != 0)
-        for members in groups.values():
-            settings: dict[str, Any] = dict(requests[members[0]].args[1])
-            until = settings.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            temperature = float(settings.get("temperature", 0) or 0)
-            do_sample = _flag(settings.get("do_sample", False)) and temperature > 0
-            texts = self.model.generate(
-                [self._visual(requests[i].args) for i in members],
-                [requests[i].args[0] for i in members],
-                int(settings.get("max_new_tokens", 32)),
-                top_k=self.top_k,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else 1.0,
-                top_p=float(settings.get("top_p") or 1.0) if do_sample else 1.0,
-                batch_size=self.batch_size_per_call,
-            )
-            for i, text in zip(members, texts, strict=True):
-                answers[i] = _cut(text, until)
-            bar.update(len(members))
-        bar.close()
+        with progress_bars(self.rank == 0) as bars:
+            advance = bars.add("atoll generate_until", len(requests))
+            for members in groups.values():
+                settings: dict[str, Any] = dict(requests[members[0]].args[1])
+                until = settings.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                temperature = float(settings.get("temperature", 0) or 0)
+                do_sample = _flag(settings.get("do_sample", False)) and temperature > 0
+                texts = self.model.generate(
+                    [self._visual(requests[i].args) for i in members],
+                    [requests[i].args[0] for i in members],
+                    int(settings.get("max_new_tokens", 32)),
+                    top_k=self.top_k,
+                    do_sample=do_sample,
+                    temperature=temperature if do_sample else 1.0,
+                    top_p=float(settings.get("top_p") or 1.0) if do_sample else 1.0,
+                    batch_size=self.batch_size_per_call,
+                )
+                for i, text in zip(members, texts, strict=True):
+                    answers[i] = _cut(text, until)
+                advance(len(members))
         return [answer or "" for answer in answers]
 
     def loglikelihood(self, requests: list[Any]) -> list[Any]:
         results: list[Any] = []
-        for request in tqdm(requests, desc="atoll loglikelihood", disable=self.rank != 0):
-            context, target, _, doc_id, task, split = request.args
-            continuation = (
-                target if isinstance(target, str) else target(self._doc(task, split, doc_id))
-            )
-            image = self._visual(request.args)
-            scored = continuation_log_likelihood(
-                self.model, image, context, continuation, self.top_k
-            )
-            # As lmms-eval's own models answer (llava_hf: the language-model loss), and as its
-            # multiple-choice scorer expects (the argmin wins): the mean negative
-            # log-likelihood per continuation token.
-            loss = -scored.log_probability / max(1, scored.tokens)
-            results.append((loss, scored.greedy))
+        with progress_bars(self.rank == 0) as bars:
+            advance = bars.add("atoll loglikelihood", len(requests))
+            for request in requests:
+                context, target, _, doc_id, task, split = request.args
+                continuation = (
+                    target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+                )
+                image = self._visual(request.args)
+                scored = continuation_log_likelihood(
+                    self.model, image, context, continuation, self.top_k
+                )
+                # As lmms-eval's own models answer (llava_hf: the language-model loss), and as its
+                # multiple-choice scorer expects (the argmin wins): the mean negative
+                # log-likelihood per continuation token.
+                loss = -scored.log_probability / max(1, scored.tokens)
+                results.append((loss, scored.greedy))
+                advance(1)
         if _stringifies_pairs():
             from lmms_eval.api.instance import GenerationResult
 

@@ -44,9 +44,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol.canonical import canonical_json
+from protocol.dsse import ecdsa_sign, ecdsa_verify, public_key_id
 from protocol.errors import InvalidArgument, VerificationFailed
 from protocol.merkle import MerkleTree, leaf_hash, verify_consistency, verify_inclusion
-from protocol.signing import ecdsa_sign, ecdsa_verify, public_key_id
 
 __all__ = [
     "CHECKPOINT_TYPE",

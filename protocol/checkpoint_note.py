@@ -22,8 +22,8 @@ import hashlib
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.dsse import ecdsa_sign, ecdsa_verify
 from protocol.errors import VerificationFailed
-from protocol.signing import ecdsa_sign, ecdsa_verify
 
 __all__ = ["note_origin", "open_note", "sign_note"]
 

@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 
 from protocol.errors import AtollError, InvalidArgument
 from protocol.exit_codes import ExitCode
+from protocol.progress import quiet_library_bars
 
 # What ``parser.add_subparsers()`` returns: a command group module adds its commands to it.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -41,6 +42,7 @@ def setup_logging(verbose: bool = False) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, RichHandler):
             handler.console.stderr = True
+    quiet_library_bars()
 
 
 def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

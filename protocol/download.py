@@ -12,27 +12,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from tqdm import tqdm
-
 from protocol.client import FederationClient
 from protocol.digests import file_sha256
 from protocol.errors import InvalidArgument, Unavailable, VerificationFailed
 from protocol.messages import ArtifactRef
+from protocol.progress import progress_bars
 
 log = logging.getLogger("atoll.download")
-
-
-def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=not enabled,
-        leave=False,
-    )
 
 
 def partial_path(target: Path) -> Path:
@@ -134,6 +120,7 @@ def download_artifact(
         return target
     part = partial_path(target)
     resumed = part.stat().st_size if part.exists() else 0
-    with progress_bar(ref.size, min(resumed, ref.size), ref.name, progress) as bar:
-        download_to(client, ref.name, ref.sha256, target, size=ref.size, on_bytes=bar.update)
+    with progress_bars(progress) as tasks:
+        advance = tasks.add(ref.name, ref.size, unit="bytes", completed=min(resumed, ref.size))
+        download_to(client, ref.name, ref.sha256, target, size=ref.size, on_bytes=advance)
     return target

@@ -47,14 +47,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol.canonical import canonical_digest, canonical_json
 from protocol.digests import check_sha256_hex
+from protocol.dsse import dsse_pae, ecdsa_sign, ecdsa_verify, public_key_id
 from protocol.errors import InvalidArgument, VerificationFailed
 from protocol.signing import (
     PROVENANCE_FILE,
     VerifiedModel,
-    dsse_pae,
-    ecdsa_sign,
-    ecdsa_verify,
-    public_key_id,
     sign_model,
     verify_model,
 )

@@ -41,11 +41,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol.digests import hash_folder
+from protocol.dsse import dsse_pae, ecdsa_verify, public_key_id
 from protocol.errors import InvalidArgument, VerificationFailed
 from protocol.x509 import load_private_key, spiffe_id
 
@@ -55,12 +55,8 @@ __all__ = [
     "SIGNATURE_FILE",
     "ModelDigests",
     "VerifiedModel",
-    "dsse_pae",
-    "ecdsa_sign",
-    "ecdsa_verify",
     "hash_model_files",
     "public_key_bundle",
-    "public_key_id",
     "read_signed_digests",
     "root_digest",
     "sign_model",
@@ -108,37 +104,6 @@ class VerifiedModel:
     signer_spiffe_id: str
     signer_certificate: x509.Certificate
     digests: ModelDigests
-
-
-# -- DSSE -------------------------------------------------------------------------------------
-
-
-def public_key_id(public_key: ec.EllipticCurvePublicKey) -> str:
-    """Hex sha256 of the DER SubjectPublicKeyInfo: the ``keyid`` of our DSSE signatures."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
-
-
-def dsse_pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE v1 pre-authentication encoding: the bytes a DSSE signature covers."""
-    type_bytes = payload_type.encode("utf-8")
-    return b"DSSEv1 %d %b %d %b" % (len(type_bytes), type_bytes, len(payload), payload)
-
-
-def ecdsa_sign(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
-    """DER ECDSA signature with sha256 (what DSSE and securesystemslib expect for P-256)."""
-    return private_key.sign(data, ec.ECDSA(hashes.SHA256()))
-
-
-def ecdsa_verify(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
-    """True when ``signature`` is a valid ECDSA-sha256 signature of ``data``."""
-    try:
-        public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
 
 
 # -- hashing ---------------------------------------------------------------------------------

@@ -24,14 +24,13 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 from rich.filesize import decimal
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from protocol.client import FederationClient
 from protocol.digests import file_sha256
 from protocol.download import download_to
 from protocol.errors import FailedPrecondition, NotFound, VerificationFailed
+from protocol.progress import progress_bars
 from protocol.shard_manifest import (
     image_artifact_name,
     image_path,
@@ -202,22 +201,14 @@ def _fetch(
         by_digest.setdefault(w.sha256, []).append(w)
     received = [0]
     lock = threading.Lock()
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[received]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(
-        *columns, console=Console(stderr=True), transient=True, disable=not progress
-    ) as bar:
-        task = bar.add_task("fetching images", total=len(by_digest), received="0 B")
+    with progress_bars(progress) as bars:
+        fetched = bars.add("fetching images", len(by_digest))
+        received_bytes = bars.add("received", unit="bytes")
 
         def count(n: int) -> None:
             with lock:
                 received[0] += n
-                bar.update(task, received=decimal(received[0]))
+            received_bytes(n)
 
         def fetch(copies: list[_Wanted]) -> bool:
             if stop is not None and stop.is_set():
@@ -228,7 +219,7 @@ def _fetch(
             )
             for other in copies[1:]:
                 _duplicate(first.dest, other.dest)
-            bar.advance(task)
+            fetched(1)
             return True
 
         with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -10,13 +10,11 @@ import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from tqdm import tqdm
-
 from protocol.client import FederationClient
 from protocol.digests import hash_folder
-from protocol.download import progress_bar
 from protocol.errors import VerificationFailed
 from protocol.messages import CommitResult, UploadChunk, UploadFile, UploadStatus
+from protocol.progress import Advance, progress_bars
 from protocol.signing import SIGNATURE_FILE, read_signed_digests
 
 log = logging.getLogger("atoll.site")
@@ -41,7 +39,11 @@ def signed_manifest(directory: Path) -> list[UploadFile]:
 
 
 def _chunks(
-    directory: Path, upload_id: str, files: list[UploadFile], received: dict[str, int], bar: tqdm
+    directory: Path,
+    upload_id: str,
+    files: list[UploadFile],
+    received: dict[str, int],
+    advance: Advance,
 ) -> Iterator[UploadChunk]:
     for item in files:
         offset = received.get(item.path, 0)
@@ -55,7 +57,7 @@ def _chunks(
                     raise VerificationFailed(f"{item.path} shrank while uploading")
                 yield UploadChunk(upload_id, item.path, offset, data)
                 offset += len(data)
-                bar.update(len(data))
+                advance(len(data))
 
 
 def upload_directory(
@@ -74,9 +76,12 @@ def upload_directory(
         status = client.begin_upload(expert_index, manifest)
         if status.state == "open":
             done = sum(min(status.received.get(f.path, 0), f.size) for f in manifest)
-            with progress_bar(total, done, f"upload expert-{expert_index}", progress) as bar:
+            with progress_bars(progress) as bars:
+                advance = bars.add(
+                    f"upload expert-{expert_index}", total, unit="bytes", completed=done
+                )
                 client.upload_chunks(
-                    _chunks(directory, status.upload_id, manifest, status.received, bar)
+                    _chunks(directory, status.upload_id, manifest, status.received, advance)
                 )
         return status
 

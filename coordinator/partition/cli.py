@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coordinator.state import StateDir
+from protocol.progress import progress_bars
 
 if TYPE_CHECKING:
     # Imported where used: the plan pulls in torch and open_clip, which every other
@@ -194,27 +195,9 @@ Reporter = Callable[[str, int | None], Callable[[int], None]]
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Reporter]:
-    """A rich progress display (on stderr) whose tasks are created on demand."""
-    if not enabled:
-        yield lambda _task, _total: lambda _n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
-
-        def reporter(task: str, total: int | None) -> Callable[[int], None]:
-            task_id = progress.add_task(task, total=total)
-            return lambda n: progress.advance(task_id, n)
-
-        yield reporter
+    """Progress (:mod:`protocol.progress`) whose tasks are created on demand."""
+    with progress_bars(enabled) as bars:
+        yield lambda task, total: bars.add(task, total)
 
 
 def _print_table(report: dict[str, Any]) -> None:

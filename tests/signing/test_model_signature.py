@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from protocol.dsse import dsse_pae, ecdsa_sign
 from protocol.errors import InvalidArgument, VerificationFailed
 from protocol.signing import (
     PROVENANCE_FILE,
     SIGNATURE_FILE,
     ModelDigests,
-    dsse_pae,
-    ecdsa_sign,
     hash_model_files,
     public_key_bundle,
     read_signed_digests,

@@ -13,6 +13,7 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.signer import SSlibKey
 
 from protocol.canonical import canonical_json
+from protocol.dsse import public_key_id
 from protocol.errors import InvalidArgument, VerificationFailed
 from protocol.provenance import (
     BUILD_TYPE,
@@ -27,7 +28,7 @@ from protocol.provenance import (
     verify_expert,
     verify_provenance,
 )
-from protocol.signing import PROVENANCE_FILE, public_key_id
+from protocol.signing import PROVENANCE_FILE
 
 from .conftest import Pki, Site
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.state import StateDir
-from protocol.digests import file_sha256, folder_digests
+from protocol.digests import copy_and_hash, file_sha256, folder_digests
 from protocol.encoder_files import (
     INIT_SEED,
     OPEN_CLIP_CONFIGS,
@@ -119,8 +119,10 @@ def _hf(
     model = str(identity["model"])
     target = staging / "router" / "encoder" / model
     target.mkdir(parents=True)
-    for path in hf_files(folder, "--encoder-weights"):
-        shutil.copyfile(path, target / path.name)
+    copied = {
+        path.name: copy_and_hash(path, target / path.name)
+        for path in hf_files(folder, "--encoder-weights")
+    }
     directory = f"router/encoder/{model}"
     return {
         "backend": "hf",
@@ -129,7 +131,7 @@ def _hf(
         "dim": int(identity["dim"]),
         "image_size": identity["image_size"],
         "identity": identity,
-        "files": {f"{directory}/{n}": d for n, d in folder_digests(target).items()},
+        "files": {f"{directory}/{n}": d.entry() for n, d in sorted(copied.items())},
     }
 
 
@@ -168,6 +170,7 @@ def _open_clip(
         "image_size": identity["image_size"],
         "identity": identity,
     }
+    known: dict[str, str] = {}
     if "random_init_seed" in weights:
         entry["init_seed"] = int(weights["random_init_seed"])
     elif "sha256" in weights:
@@ -176,21 +179,23 @@ def _open_clip(
                 f"the plan's encoder used weights {weights.get('file')!r}: give that file with "
                 "--encoder-weights FILE"
             )
-        actual = file_sha256(weights_file)
+        # Checked as copied: the bytes in the ensemble are the bytes that matched the plan.
+        name = f"router/encoder/{weights.get('file') or weights_file.name}"
+        actual = copy_and_hash(weights_file, staging / name).sha256
         if actual != weights["sha256"]:
             raise VerificationFailed(
                 f"--encoder-weights {weights_file}: expected sha256 {weights['sha256'][:16]}.. "
                 f"(the plan's encoder), got {actual[:16]}.."
             )
-        name = f"router/encoder/{weights.get('file') or weights_file.name}"
-        shutil.copyfile(weights_file, staging / name)
         entry["weights_file"] = name
+        known[name.removeprefix("router/encoder/")] = actual
     else:
         raise FailedPrecondition(
             f"the plan's encoder weights {weights}: assembly needs a seeded random "
             "initialisation or a local weights file (--encoder-weights)"
         )
-    entry["files"] = {f"router/encoder/{n}": d for n, d in folder_digests(folder).items()}
+    files = folder_digests(folder, known=known)
+    entry["files"] = {f"router/encoder/{n}": d for n, d in files.items()}
     return entry
 
 

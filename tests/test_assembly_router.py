@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from coordinator.assembly import AssemblyConfig, assemble
 from ensemble.router import load_router
+from protocol.digests import file_sha256
 from protocol.encoder_files import hf_identity
 from protocol.ensemble_manifest import load_manifest, verify_files
 from protocol.errors import FailedPrecondition, VerificationFailed
@@ -112,3 +113,26 @@ def test_an_encoder_unchecked_at_partition_is_fixed_from_the_folder_given(
     config = AssemblyConfig(encoder_weights=clip)
     manifest = load_manifest(assemble(running.state, running.coordinator.store, config).directory)
     assert manifest.router.encoder.identity == hf_identity(clip)
+
+
+def test_open_clip_weights_are_checked_as_they_are_copied(running: Any, tmp_path: Path) -> None:
+    weights = tmp_path / "tiny.bin"
+    weights.write_bytes(b"open_clip weights" * 1000)
+    encoder = {
+        "backend": "open_clip",
+        "model": "atoll-tiny-clip",
+        "weights": {"file": "tiny.bin", "sha256": file_sha256(weights)},
+        "image_size": 32,
+        "dim": 32,
+    }
+    _accepted_plan(running, tmp_path, encoder=encoder)
+    store = running.coordinator.store
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"other weights")
+    with pytest.raises(VerificationFailed, match=r"other.bin: expected sha256 .* plan's encoder"):
+        assemble(running.state, store, AssemblyConfig(encoder_weights=other))
+    result = assemble(running.state, store, AssemblyConfig(encoder_weights=weights))
+    manifest = load_manifest(result.directory)
+    assert manifest.router.encoder.weights_file == "router/encoder/tiny.bin"
+    assert manifest.router.encoder.files["router/encoder/tiny.bin"].sha256 == file_sha256(weights)
+    verify_files(result.directory, manifest)

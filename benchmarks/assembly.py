@@ -41,12 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.signing import make_expert, make_site_identity  # noqa: E402
-from protocol.digests import (  # noqa: E402
-    copy_and_hash,
-    file_sha256,
-    folder_digests,
-    folder_files,
-)
+from protocol.digests import copy_and_hash, file_sha256, folder_digests, folder_files  # noqa: E402
 from protocol.signing import hash_model_files, sign_model  # noqa: E402
 
 

@@ -136,7 +136,9 @@ class _Lines:
 
     def finish(self) -> None:
         for task in self.tasks:
-            log.info("%s in %.1f s", task.line(), time.monotonic() - task.started)
+            seconds = time.monotonic() - task.started
+            stopped = task.total is not None and task.done < task.total
+            log.info("%s %s %.1f s", task.line(), "stopped after" if stopped else "in", seconds)
 
 
 def _nothing(_n: int) -> None:

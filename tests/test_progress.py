@@ -59,6 +59,15 @@ def test_off_a_terminal_a_long_task_says_where_it_is_now_and_then(
     assert lines[-2].startswith("hashing images: 4 of 4 (100%) in ")
 
 
+def test_off_a_terminal_a_task_cut_short_says_it_stopped(
+    not_a_terminal: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(ConnectionError), progress_bars() as bars:
+        bars.add("download base/model.safetensors", 10)(4)
+        raise ConnectionError("dropped")
+    assert _lines(caplog)[-1].startswith("download base/model.safetensors: 4 of 10 (40%) stopped")
+
+
 def test_disabled_progress_says_nothing(
     not_a_terminal: None, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:

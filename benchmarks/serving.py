@@ -15,6 +15,13 @@ Prints requests/s, p50 and p99 latency per client count and the ratio served/off
 requests/s (target at 32 clients: >= 0.8). The server process and the client share the
 machine; ``--threads`` sets torch's threads in both the anchor and the server.
 
+Where the served time goes, per request (Linux ``/proc/PID/task/*/schedstat``): the server's
+CPU time on its event loop (HTTP, JSON, base64 and PNG decoding, responses), on its engine
+thread (encoding, routing, prefill, decoding) and on other threads, the time the engine
+waited for a CPU (other processes, the client and the event loop taking the cores), and
+the client's own CPU time; beside them the anchor's CPU time per request. The load average
+at the end of the run says how busy the machine was.
+
     .venv/bin/python benchmarks/serving.py [--size small|tiny] [--requests 64] [--new-tokens 16]
         [--clients 1 8 32] [--batch 32] [--threads 1] [--device cpu|cuda] [--json]
 """
@@ -100,6 +107,40 @@ sys.exit(main(["serve", "--ensemble", directory, "--listen", listen, "--max-batc
 """
 
 
+def _thread_times(pid: int) -> dict[int, tuple[float, float]]:
+    """Per thread of ``pid``: (seconds on a CPU, seconds waiting for one)."""
+    times = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            run, wait, _ = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue  # the thread ended
+        times[int(task.name)] = (int(run) / 1e9, int(wait) / 1e9)
+    return times
+
+
+def _where_time_went(
+    pid: int, before: dict[int, tuple[float, float]], requests: int
+) -> dict[str, float]:
+    """The server's CPU ms per request: event loop (the main thread), engine (the busiest
+    other thread), other threads; and ms the engine waited for a CPU."""
+    after = _thread_times(pid)
+    spent = {
+        tid: (run - before.get(tid, (0.0, 0.0))[0], wait - before.get(tid, (0.0, 0.0))[1])
+        for tid, (run, wait) in after.items()
+    }
+    loop = spent.pop(pid, (0.0, 0.0))
+    engine_tid = max(spent, key=lambda tid: spent[tid][0])
+    engine = spent.pop(engine_tid)
+    per = 1000 / requests
+    return {
+        "loop_ms": loop[0] * per,
+        "engine_ms": engine[0] * per,
+        "other_ms": sum(run for run, _ in spent.values()) * per,
+        "engine_wait_ms": engine[1] * per,
+    }
+
+
 async def _clients(url: str, bodies: list[dict[str, Any]], clients: int) -> dict[str, float]:
     latencies: list[float] = []
     queue = list(range(len(bodies)))
@@ -167,20 +208,25 @@ def main() -> int:
         ensemble = RoutedEnsemble.from_pretrained(directory, device=args.device)
         prompts = [PROMPT] * args.requests
 
+        cpu_s: list[float] = []
+
         def offline() -> float:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             ensemble.generate(images, prompts, args.new_tokens, batch_size=args.batch)
+            cpu_s.append(time.thread_time() - cpu)
             return time.perf_counter() - start
 
         offline()  # warm-up
         before = args.requests / min(offline() for _ in range(2))
         process, url = _start_server(directory, args, work / "serve.log")
+        served_rows = []
         try:
             asyncio.run(_clients(url, bodies[: min(8, len(bodies))], 4))  # warm-up
-            served_rows = [
-                {"clients": clients, **asyncio.run(_clients(url, bodies, clients))}
-                for clients in args.clients
-            ]
+            for clients in args.clients:
+                times, client_cpu = _thread_times(process.pid), time.process_time()
+                row = {"clients": clients, **asyncio.run(_clients(url, bodies, clients))}
+                row["client_ms"] = 1000 * (time.process_time() - client_cpu) / len(bodies)
+                served_rows.append(row | _where_time_went(process.pid, times, len(bodies)))
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -197,7 +243,9 @@ def main() -> int:
         "batch": args.batch,
         "offline_requests_per_s": offline_rate,
         "offline_before_after": [before, after],
+        "offline_cpu_ms": 1000 * min(cpu_s) / args.requests,
         "served": rows,
+        "load_average": os.getloadavg(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -207,12 +255,21 @@ def main() -> int:
         f"batch {args.batch}, {args.device}; offline generate: {offline_rate:.1f} req/s "
         f"(before {before:.1f}, after {after:.1f})"
     )
-    print(f"{'clients':>8} {'req/s':>8} {'p50 s':>8} {'p99 s':>8} {'served/offline':>15}")
+    print(
+        f"{'clients':>8} {'req/s':>8} {'p50 s':>8} {'p99 s':>8} {'served/offline':>15}   "
+        "CPU ms/request: server loop, engine, other; engine waiting for a CPU; client"
+    )
     for row in rows:
         print(
             f"{row['clients']:>8} {row['requests_per_s']:>8.1f} {row['p50_s']:>8.3f} "
-            f"{row['p99_s']:>8.3f} {row['ratio']:>15.2f}"
+            f"{row['p99_s']:>8.3f} {row['ratio']:>15.2f}   {row['loop_ms']:.2f}, "
+            f"{row['engine_ms']:.2f}, {row['other_ms']:.2f}; {row['engine_wait_ms']:.2f}; "
+            f"{row['client_ms']:.2f}"
         )
+    print(
+        f"offline CPU ms/request: {report['offline_cpu_ms']:.2f}; load average "
+        + ", ".join(f"{x:.2f}" for x in report["load_average"])
+    )
     return 0
 
 

@@ -254,7 +254,7 @@ class RoutedEnsemble:
         ]
         return self.router.route(torch.cat(parts), top_k)
 
-    def _static_routes(
+    def static_routes(
         self,
         batch: EncodedBatch,
         prompts: Sequence[str],
@@ -289,7 +289,7 @@ class RoutedEnsemble:
                 routes[i] = (routing.experts[row].tolist(), routing.weights[row].tolist())
         return routes
 
-    def _handing_tower(self, batch: EncodedBatch) -> Any:
+    def handing_tower(self, batch: EncodedBatch) -> Any:
         """While generating: the experts' vision towers return the routing pass's output."""
         if self.shared_tower is None or batch.tower_output is None:
             return contextlib.nullcontext()
@@ -387,7 +387,7 @@ class RoutedEnsemble:
             raise InvalidArgument("images: a causal-lm ensemble answers text-only prompts")
         pictures = [None if image is None else open_image(image) for image in images]
         batch = EncodedBatch(self.encode_inputs, pictures, prompts)
-        routes = self._static_routes(batch, prompts, k, strategy, batch_size)
+        routes = self.static_routes(batch, prompts, k, strategy, batch_size)
         sampling = Sampling(do_sample, temperature, seed, top_p)
 
         n = len(prompts)
@@ -409,7 +409,7 @@ class RoutedEnsemble:
                     shown[i] += 1
                 return user_watch(samples, tokens)
 
-        with self._handing_tower(batch), torch.inference_mode():
+        with self.handing_tower(batch), torch.inference_mode():
             # A call's position among its kind's calls seeds its sampling apart.
             for call, samples in enumerate(_calls(single, experts, batch_size)):
                 chosen = {i: experts[i][0] for i in samples}

@@ -2,9 +2,12 @@
 
 Two backends behind one application (:mod:`ensemble.serve.app`):
 
-* **in-process** (default): the ensemble loaded here; concurrent requests are gathered for a
-  short batching window and run as batched ``RoutedEnsemble.generate_tokens`` calls
-  (:mod:`ensemble.serve.engine`), top-1 or mixed (``top_k``, an extension field).
+* **in-process** (default): the ensemble loaded here (:mod:`ensemble.serve.engine`). Top-1
+  requests decode in one running batch that requests join at the next decoding step and
+  leave as soon as they are done (continuous batching,
+  :class:`ensemble.running_batch.RunningBatch`); mixtures (``top_k`` > 1, an extension
+  field) and the posterior router are gathered for a short window and run as batched
+  ``RoutedEnsemble.generate_tokens`` calls.
 * **forwarding** (``--backend openai``): the CLIP router here, each request forwarded to
   its top-1 expert's own OpenAI-compatible server (:mod:`ensemble.serve.forward`).
 

@@ -1,23 +1,28 @@
 """The batching engine: concurrent requests become batched calls of one in-process ensemble.
 
-One worker thread owns the ensemble. A request waits in a bounded queue; the worker takes the
-first waiting request and gathers more while they keep coming: the batch closes once no
-request arrived for ``window_s``, after ``8 * window_s`` in all, or at ``max_batch``
-(clients answered together send their next requests together, spread over the time the
-server takes to read them), groups them by what one ``generate_tokens`` call must share (top-k, sampling
-settings) and runs each group as one call, whose ``batch_size`` lets
-:mod:`ensemble.scheduling` split it into calls of one expert. Each request's tokens reach its
-handler as they are chosen (the runtime's ``watch`` hook), which also stops a request at its
-own ``max_tokens``, when its client has gone, or past its deadline.
+One worker thread owns the ensemble. A request waits in a bounded queue. Top-1 requests (the
+paper's setting: routed by their image) decode in one :class:`~ensemble.running_batch.RunningBatch`
+(continuous batching): requests that arrive while it generates join it at the next decoding
+step, and a request that is done (end of sequence, its own ``max_tokens``, its client gone,
+or timed out) leaves it at once, freeing its slot. Arrivals are gathered like a batch
+before they join -- until no request arrived for ``window_s``, ``8 * window_s`` after the
+first, or once they fill the free slots -- so that each join is one prefill call, not one per
+request; while nothing decodes the worker waits for that window as before.
 
-A seeded sampled request runs alone, so that it samples exactly as
-``RoutedEnsemble.generate(..., seed=s)`` does for that one prompt; greedy requests and
-unseeded sampled ones share calls.
+Other requests (top-k > 1 mixtures, the posterior router for text-only prompts, settings the
+runtime refuses) are gathered the same way, grouped by what one ``generate_tokens`` call must
+share (top-k, sampling settings) and run as whole calls between two decoding steps, whose
+``batch_size`` lets :mod:`ensemble.scheduling` split them into calls of one expert. Their
+tokens reach their handlers as they are chosen through the runtime's ``watch`` hook.
+
+Every request answers exactly as ``RoutedEnsemble.generate`` answers it alone. A seeded
+sampled top-1 request draws from its own generator, so it samples as
+``generate(..., seed=s)`` does whatever else is in the batch; a seeded mixture runs in a
+call of its own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
@@ -25,66 +30,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+import torch
 
+from ensemble.running_batch import RunningBatch, Unsupported, runs_here
 from ensemble.runtime import RoutedEnsemble
+from ensemble.scheduling import slices
+from ensemble.serve.job import Event, Job, QueueFull
 from protocol.errors import AtollError
 
-__all__ = ["Engine", "Event", "Job", "QueueFull"]
+__all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """Every slot of the engine's bounded queue is taken."""
-
-
-@dataclass(frozen=True)
-class Event:
-    """What a job's handler receives: ``delta`` (text streamed so far), then one ``done``
-    (``finish_reason``, the final text's last piece, routing) or ``error``."""
-
-    kind: str
-    text: str = ""
-    finish_reason: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    experts: list[int] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    error: Exception | None = None
-
-
-@dataclass(eq=False)
-class Job:
-    """One request on its way through the engine."""
-
-    image: Image.Image | None
-    prompt: str
-    max_tokens: int
-    top_k: int | None
-    do_sample: bool
-    temperature: float
-    top_p: float
-    seed: int | None
-    stream: bool
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    tokens: list[int] = field(default_factory=list)
-    ended: bool = False  # chose end-of-sequence
-    sent: str = ""  # text streamed so far
-    released: bool = False
-
-    def key(self) -> tuple[Any, ...]:
-        """Jobs with one key can share a ``generate_tokens`` call."""
-        if not self.do_sample:
-            return (self.top_k, False)
-        if self.seed is not None:
-            return (self.top_k, True, id(self))  # alone: sampled exactly as generate samples
-        return (self.top_k, True, self.temperature, self.top_p)
-
-    def push(self, event: Event) -> None:
-        """Hands ``event`` to the job's handler on its event loop (from any thread)."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Engine:
@@ -94,10 +50,14 @@ class Engine:
         ensemble: The loaded ensemble (only the worker thread calls it).
         max_queue: Most jobs admitted at once (waiting or generating); more get
             :class:`QueueFull` (HTTP 429).
-        max_batch: Most jobs gathered into one batch.
-        batch_size: ``generate_tokens``'s rows per model call (None: the whole batch).
-        window_s: How long the worker waits for one more job before it closes a batch (a
-            batch waits ``8 * window_s`` at most).
+        max_batch: Most jobs decoding at once in the running batch, and most jobs gathered
+            into one ``generate_tokens`` call.
+        batch_size: Rows per model call (None: the whole batch); the running batch holds at
+            most this many.
+        window_s: How long the worker waits for one more job before it closes a gathering
+            (``8 * window_s`` at most).
+        continuous: Let top-1 jobs join a running batch (False: every job runs in whole
+            ``generate_tokens`` calls, as the mixtures do).
     """
 
     def __init__(
@@ -108,14 +68,22 @@ class Engine:
         max_batch: int = 32,
         batch_size: int | None = None,
         window_s: float = 0.01,
+        continuous: bool = True,
     ) -> None:
         self.ensemble = ensemble
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.batch_size = batch_size
         self.window_s = window_s
+        self.continuous = continuous
+        self.capacity = min(max_batch, batch_size or max_batch)
         self.admitted = 0
-        self.batches: list[int] = []  # jobs per batch taken, for tests and the log
+        self.batches: list[int] = []  # jobs per gathering admitted, for tests and the log
+        self.joins: list[int] = []  # jobs per join of the running batch
+        self.steps = 0  # decoding steps of the running batch
+        self.stepped = 0  # live rows summed over those steps
+        self.busy_s = {"join": 0.0, "step": 0.0, "whole": 0.0}
+        self.running = RunningBatch(ensemble)
         self._lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         eos = ensemble.tokenizer.eos_token_id
@@ -128,6 +96,14 @@ class Engine:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
+        log.info(
+            "[Engine] %d joins (%.1f jobs each), %d steps (%.1f rows each), busy %s s",
+            len(self.joins),
+            sum(self.joins) / max(1, len(self.joins)),
+            self.steps,
+            self.stepped / max(1, self.steps),
+            {k: round(v, 2) for k, v in self.busy_s.items()},
+        )
 
     def submit(self, job: Job) -> None:
         """Admits ``job``. Raises QueueFull when ``max_queue`` jobs are in flight."""
@@ -154,35 +130,153 @@ class Engine:
     # -- the worker ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        with torch.inference_mode():
+            gathering = _Gathering()
+            stopping = False
+            while not stopping or self.running.rows or gathering.jobs:
+                if not stopping:
+                    stopping = self._gather(gathering)
+                if gathering.jobs and (
+                    stopping or gathering.closed(self.window_s, self._free(), self.running.live > 0)
+                ):
+                    self._admit(gathering)
+                if self.running.rows:
+                    self._decode_step()
+            for job in gathering.jobs:
+                job.push(Event("error", error=RuntimeError("the server is shutting down")))
+
+    def _free(self) -> int:
+        return self.capacity - self.running.live
+
+    def _gather(self, gathering: _Gathering) -> bool:
+        """Takes the jobs that arrived; blocks while there is nothing to do, and for the
+        gathering's window while nothing decodes. Returns whether the server is stopping."""
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            closing = time.monotonic() + 8 * self.window_s
-            stop = False
-            while len(batch) < self.max_batch:
-                wait = min(self.window_s, closing - time.monotonic())
-                try:
-                    job = self._queue.get(timeout=max(0.0, wait))
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.append(job)
-            live = [job for job in batch if not job.cancelled.is_set()]
-            self.batches.append(len(live))
-            groups: dict[tuple[Any, ...], list[Job]] = {}
-            for job in live:
-                groups.setdefault(job.key(), []).append(job)
-            for group in groups.values():
-                self._run(group)
-            if stop:
-                return
+            if not gathering.jobs and not self.running.rows:
+                timeout: float | None = None  # idle: wait for the first job
+            elif self.running.rows or len(gathering.jobs) >= self.max_batch:
+                timeout = 0.0  # decoding goes on; take only what is there
+            else:
+                timeout = gathering.closing(self.window_s) - time.monotonic()
+            try:
+                if timeout is not None and timeout <= 0:
+                    job = self._queue.get_nowait()
+                else:
+                    job = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
+            gathering.add(job)
+
+    def _admit(self, gathering: _Gathering) -> None:
+        live = [job for job in gathering.jobs if not job.cancelled.is_set()]
+        joining = [job for job in live if self._joins(job)]
+        whole = [job for job in live if job not in joining]
+        free = max(0, self._free())
+        joining, later = joining[:free], joining[free:]
+        gathering.restart(later)
+        if not joining and not whole:
+            return
+        self.batches.append(len(joining) + len(whole))
+        if joining and not self._join(joining):
+            whole = joining + whole
+        groups: dict[tuple[Any, ...], list[Job]] = {}
+        for job in whole:
+            groups.setdefault(job.key(), []).append(job)
+        for group in groups.values():
+            for part in slices(len(group), self.max_batch):
+                self._run(group[part])
+
+    def _joins(self, job: Job) -> bool:
+        return self.continuous and runs_here(self.ensemble, job.joining(), job.top_k)
+
+    def _join(self, jobs: list[Job]) -> bool:
+        """Jobs into the running batch; False when the experts cannot decode that way."""
+        self.joins.append(len(jobs))
+        start = time.perf_counter()
+        try:
+            rows = self.running.join(jobs, [job.joining() for job in jobs])
+        except Unsupported as reason:
+            log.warning("[Engine] continuous batching is off: %s", reason)
+            self.continuous = False
+            return False
+        except Exception as error:  # one bad join must not take the running batch down
+            self._fail(jobs, error)
+            return True
+        finally:
+            self.busy_s["join"] += time.perf_counter() - start
+        for row in rows:
+            job = row.handle
+            job.experts, job.weights = [row.expert], [row.weight]
+        return True
+
+    def _decode_step(self) -> None:
+        batch = self.running
+        self.steps += 1
+        self.stepped += batch.live
+        start = time.perf_counter()
+        try:
+            tokens = batch.choose()
+            leaving = []
+            for row, token in zip(batch.rows, tokens, strict=True):
+                if token is None:
+                    continue
+                job: Job = row.handle
+                if self._watch_one(job, token):
+                    leaving.append(row)
+            batch.leave(leaving)
+            for row in leaving:
+                self._finish(row.handle)
+            batch.step(tokens)
+        except Exception as error:  # the server must outlive one failed batch
+            jobs = [row.handle for row in batch.rows if row.live]
+            batch.clear()
+            self._fail(jobs, error)
+        self.busy_s["step"] += time.perf_counter() - start
+
+    def _watch_one(self, job: Job, token: int) -> bool:
+        """Shows ``job`` its next token; returns whether it is done."""
+        if token in self._eos:
+            job.ended = True
+            return True
+        job.tokens.append(token)
+        if job.stream:
+            self._stream(job)
+        return job.cancelled.is_set() or len(job.tokens) >= job.max_tokens
+
+    def _finish(self, job: Job) -> None:
+        text = self.ensemble.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        self._done(job, text, list(job.tokens), job.experts, job.weights)
+
+    def _done(
+        self, job: Job, text: str, token_ids: list[int], experts: list[int], weights: list[float]
+    ) -> None:
+        rest = text[len(job.sent) :] if text.startswith(job.sent) else ""
+        reason = "stop" if job.ended else "length"
+        if job.cancelled.is_set() and not job.ended and len(job.tokens) < job.max_tokens:
+            reason = "cancelled"
+        job.push(
+            Event(
+                "done",
+                text=rest,
+                finish_reason=reason,
+                token_ids=token_ids,
+                experts=experts,
+                weights=weights,
+            )
+        )
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        if not isinstance(error, AtollError):
+            log.error("[Engine] %d requests failed", len(jobs), exc_info=error)
+        for job in jobs:
+            job.push(Event("error", error=error))
 
     def _run(self, jobs: list[Job]) -> None:
+        """Jobs as one ``generate_tokens`` call (mixtures, the posterior, refused settings)."""
         first = jobs[0]
+        start = time.perf_counter()
         try:
             result = self.ensemble.generate_tokens(
                 [job.image for job in jobs],
@@ -196,45 +290,22 @@ class Engine:
                 batch_size=self.batch_size,
                 watch=lambda samples, tokens: self._watch(jobs, samples, tokens),
             )
-        except AtollError as error:
-            for job in jobs:
-                job.push(Event("error", error=error))
-            return
         except Exception as error:  # the server must outlive one failed batch
-            log.exception("[Engine] a batch of %d failed", len(jobs))
-            for job in jobs:
-                job.push(Event("error", error=error))
+            self._fail(jobs, error)
             return
+        finally:
+            self.busy_s["whole"] += time.perf_counter() - start
         for i, job in enumerate(jobs):
-            text = result.texts[i]
-            rest = text[len(job.sent) :] if text.startswith(job.sent) else ""
-            reason = "stop" if job.ended else "length"
-            if job.cancelled.is_set() and not job.ended and len(job.tokens) < job.max_tokens:
-                reason = "cancelled"
-            job.push(
-                Event(
-                    "done",
-                    text=rest,
-                    finish_reason=reason,
-                    token_ids=result.token_ids[i],
-                    experts=result.experts[i],
-                    weights=result.weights[i],
-                )
+            self._done(
+                job, result.texts[i], result.token_ids[i], result.experts[i], result.weights[i]
             )
 
     def _watch(self, jobs: list[Job], samples: list[int], tokens: list[int]) -> list[bool]:
-        stop = []
-        for sample, token in zip(samples, tokens, strict=True):
-            job = jobs[sample]
-            if token in self._eos:
-                job.ended = True
-                stop.append(False)  # it ends here anyway
-                continue
-            job.tokens.append(token)
-            if job.stream:
-                self._stream(job)
-            stop.append(job.cancelled.is_set() or len(job.tokens) >= job.max_tokens)
-        return stop
+        # A job that chose end-of-sequence ends there anyway: no need to stop it.
+        return [
+            self._watch_one(jobs[sample], token) and not jobs[sample].ended
+            for sample, token in zip(samples, tokens, strict=True)
+        ]
 
     def _stream(self, job: Job) -> None:
         text = self.ensemble.tokenizer.decode(job.tokens, skip_special_tokens=True)
@@ -242,3 +313,38 @@ class Engine:
         if text.startswith(job.sent) and not text.endswith("\ufffd") and len(text) > len(job.sent):
             job.push(Event("delta", text=text[len(job.sent) :]))
             job.sent = text
+
+
+@dataclass
+class _Gathering:
+    """Jobs that arrived and wait to be admitted, with when the first and the latest came."""
+
+    jobs: list[Job] = field(default_factory=list)
+    opened: float = 0.0
+    arrived: float = 0.0
+
+    def add(self, job: Job) -> None:
+        now = time.monotonic()
+        if not self.jobs:
+            self.opened = now
+        self.jobs.append(job)
+        self.arrived = now
+
+    def closing(self, window_s: float) -> float:
+        """When the gathering closes: ``window_s`` after the latest arrival, ``8 * window_s``
+        after the first at most."""
+        return min(self.arrived + window_s, self.opened + 8 * window_s)
+
+    def closed(self, window_s: float, free: int, decoding: bool) -> bool:
+        """Whether to admit the jobs now: they fill the free slots, or the window closed.
+        While a batch decodes, a pause in arrivals does not close it early: waiting costs
+        the running rows nothing, and each join is a prefill call of its own."""
+        if len(self.jobs) >= max(1, free):
+            return True
+        if decoding:
+            return time.monotonic() >= self.opened + 8 * window_s
+        return time.monotonic() >= self.closing(window_s)
+
+    def restart(self, jobs: list[Job]) -> None:
+        """Keeps ``jobs`` (no free slot yet), now the oldest waiting."""
+        self.jobs = list(jobs)

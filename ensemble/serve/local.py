@@ -12,7 +12,8 @@ from pathlib import Path
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ensemble.serve.app import sse
-from ensemble.serve.engine import Engine, Event, Job, QueueFull
+from ensemble.serve.engine import Engine
+from ensemble.serve.job import Event, Job, QueueFull
 from ensemble.serve.prompt import read_prompt
 from ensemble.serve.schema import (
     AssistantMessage,

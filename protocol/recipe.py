@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from protocol.errors import InvalidArgument, NotFound
+from protocol.validation import describe_errors
 
 __all__ = [
     "Architecture",
@@ -183,17 +184,6 @@ class Recipe(_Strict):
     training: TrainingSettings = TrainingSettings()
 
 
-def _describe_error(error: dict[str, Any]) -> str:
-    path = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        return f"{path}: unknown key (remove it or check its spelling)"
-    if error["type"] == "missing":
-        return f"{path}: required, missing"
-    given = error.get("input")
-    shown = "" if isinstance(given, dict | list) else f", got {given!r}"
-    return f"{path}: {error['msg']}{shown}"
-
-
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validates an already-parsed YAML/JSON value into a :class:`Recipe`.
 
@@ -211,8 +201,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data, strict=False)
     except ValidationError as error:
-        problems = "; ".join(_describe_error(e) for e in error.errors())  # type: ignore[arg-type]
-        raise InvalidArgument(f"{source}: {problems}") from None
+        raise InvalidArgument(f"{source}: {describe_errors(error)}") from None
 
 
 def load_recipe(path: Path) -> tuple[Recipe, str]:

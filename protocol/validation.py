@@ -51,7 +51,7 @@ Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 def _describe(error: Any) -> str:
-    where = ".".join(str(part) for part in error["loc"])
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key (remove it or check its spelling)"
     if error["type"] == "missing":
@@ -61,9 +61,11 @@ def _describe(error: Any) -> str:
         # Our own checks say what they got; cross-field checks name their own field.
         message = message.removeprefix("Value error, ")
         field, colon, rest = message.partition(": ")
-        if colon and field.isidentifier() and where:
+        if not error["loc"]:
+            return message  # a check of the whole document names its own field
+        if colon and field.isidentifier():
             return f"{where}.{field}: {rest}"  # a nested model's check, naming its field
-        return f"{where}: {message}" if where else message
+        return f"{where}: {message}"
     given = error.get("input")
     shown = "" if isinstance(given, dict | list) else f", got {given!r}"
     return f"{where}: {message}{shown}"

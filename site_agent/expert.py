@@ -20,9 +20,9 @@ from protocol.errors import FailedPrecondition, NotFound, VerificationFailed
 from protocol.provenance import TrainingRun, sign_expert
 from protocol.signing import hash_model_files, root_digest
 from site_agent.launch import LaunchSettings, local_processes
+from site_agent.local_launcher import Launcher
 from site_agent.supervisor import (
     EventCallback,
-    Launcher,
     Supervisor,
     SupervisorConfig,
     TickCallback,

@@ -9,8 +9,10 @@ up from its last checkpoint. :class:`Supervisor` does that:
   (``python -m torch.distributed.run --standalone --nproc-per-node N``, one rank per device,
   no restarts of its own: the supervisor restarts the whole group), with the child's standard
   error appended to ``OUTPUT/train.log`` (across restarts) and its standard output, the JSON
-  progress lines, drained by a background thread, so the child never waits on a full pipe.
-  A :class:`Launcher` starts it elsewhere instead (``site_agent.slurm``: a Slurm job);
+  progress lines, drained by a background thread, so the child never waits on a full pipe
+  (:class:`~site_agent.local_launcher.LocalLauncher`). Another
+  :class:`~site_agent.local_launcher.Launcher` starts it elsewhere instead
+  (``site_agent.slurm``: a Slurm job);
 * it hands every progress event to ``on_event(event)`` and calls ``on_tick()`` every
   ``tick_seconds`` even when no event arrives (the agent heartbeats from it), both on the
   thread that called :meth:`Supervisor.run`; a callback that blocks (a heartbeat retrying)
@@ -35,7 +37,7 @@ Example::
     )
     done = supervisor.run()  # the trainer's ``done`` event; None once stop() was called
 
-Besides the trainer's events (see :class:`site_agent.training.trainer.ProgressLog`),
+Besides the trainer's events (see :class:`site_agent.training.progress_log.ProgressLog`),
 ``on_event`` receives the supervisor's own ``restart`` event before each restart: ``attempt``
 (the attempt about to start, 2 for the first restart), ``exit_code`` (negative: killed by that
 signal), ``cause``, ``delay_seconds`` and ``restarts_left``.
@@ -43,34 +45,29 @@ signal), ``cause``, ``delay_seconds`` and ``restarts_left``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import queue
-import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any
 
 from protocol.errors import AtollError, InvalidArgument
 from protocol.exit_codes import ExitCode
-from site_agent.launch import LAUNCHER_ERROR_NAME, TrainingCommand, rank_failure
+from site_agent.launch import TrainingCommand
+from site_agent.local_launcher import Launcher, LocalLauncher, TrainerProcess
 
 __all__ = [
     "EventCallback",
-    "Launcher",
-    "LocalLauncher",
     "Supervisor",
     "SupervisorConfig",
     "TickCallback",
-    "TrainerProcess",
     "TrainingCommand",
     "TrainingFailed",
 ]
@@ -141,90 +138,6 @@ class SupervisorConfig:
         """Seconds to wait before restart number ``failures`` in a row (1 for the first)."""
         delay = self.backoff_seconds * self.backoff_factor ** max(0, failures - 1)
         return float(min(delay, self.max_backoff_seconds))
-
-
-class TrainerProcess(Protocol):
-    """A running trainer as the supervisor sees it: a local process (``subprocess.Popen`` is
-    one) or a Slurm job (:class:`site_agent.slurm.SlurmJob`).
-
-    ``stdout`` yields the trainer's JSON progress lines until it ends; ``send_signal(SIGTERM)``
-    asks every rank to checkpoint and stop; ``wait`` raises ``subprocess.TimeoutExpired``.
-    """
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def stdout(self) -> Iterable[str] | None: ...
-
-    def poll(self) -> int | None: ...
-
-    def wait(self, timeout: float | None = None) -> int: ...
-
-    def send_signal(self, sig: int) -> None: ...
-
-    def kill(self) -> None: ...
-
-
-class Launcher(Protocol):
-    """Starts the trainer, and says after a failure which rank failed and why."""
-
-    def start(self, attempt: int, log: IO[str]) -> TrainerProcess:
-        """Starts attempt ``attempt``; its diagnostics go to ``log`` (``train.log``)."""
-        ...
-
-    def failure(self, exit_code: int) -> tuple[int, str] | None:
-        """(exit code, message) of the failing rank when the launcher knows better than
-        ``exit_code`` (torchrun exits 1 whatever a rank did); None otherwise."""
-        ...
-
-
-class LocalLauncher:
-    """The trainer on this machine: ``python -m site_agent.training``, or torchrun around it.
-
-    Args:
-        command: The run's files and number of ranks.
-        config: ``stop_grace_seconds`` becomes torchrun's shutdown timeout.
-        env: The child's environment (default: this process's).
-        argv: Replaces the child's command line (tests inject failing commands with it).
-    """
-
-    def __init__(
-        self,
-        command: TrainingCommand,
-        config: SupervisorConfig,
-        env: Mapping[str, str] | None = None,
-        argv: Sequence[str] | None = None,
-    ) -> None:
-        self.argv = list(argv) if argv is not None else command.argv(config.stop_grace_seconds)
-        self.env = dict(env) if env is not None else dict(os.environ)
-        self.error_file = command.output / LAUNCHER_ERROR_NAME
-        if command.processes > 1:
-            self.env["TORCHELASTIC_ERROR_FILE"] = str(self.error_file)
-
-    def start(self, attempt: int, log: IO[str]) -> subprocess.Popen[str]:
-        self.error_file.unlink(missing_ok=True)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
-        log.write(f"--- supervisor: attempt {attempt}, {stamp}: {shlex.join(self.argv)}\n")
-        log.flush()
-        # A session of its own: a Ctrl-C at the agent's terminal reaches the agent, which
-        # stops the trainer with SIGTERM (a checkpoint), not the trainer directly.
-        return subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=self.env,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
-            start_new_session=True,
-            preexec_fn=_stop_with_parent,
-        )
-
-    def failure(self, exit_code: int) -> tuple[int, str] | None:
-        return rank_failure(self.error_file) if exit_code else None
 
 
 class TrainingFailed(AtollError):
@@ -299,7 +212,9 @@ class Supervisor:
         self.log_path = command.output / LOG_NAME
         self._on_event = on_event or (lambda event: None)
         self._on_tick = on_tick or (lambda: None)
-        self.launcher = launcher or LocalLauncher(command, self.config, env, argv)
+        self.launcher = launcher or LocalLauncher(
+            command, self.config.stop_grace_seconds, env, argv
+        )
         self._lock = threading.Lock()
         self._stop_requested = threading.Event()
         self._process: TrainerProcess | None = None
@@ -501,17 +416,6 @@ class Supervisor:
         return TrainingFailed(
             message, child_exit_code=result.exit_code, restarts=attempt - 1, log_tail=tail
         )
-
-
-def _stop_with_parent() -> None:
-    """In the child before exec: SIGTERM it (a checkpoint, then exit) when the agent dies, so
-    a restarted agent never finds an orphaned trainer writing the same checkpoints (Linux)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-PR_SET_PDEATHSIG = 1
 
 
 def _drain(process: TrainerProcess, events: queue.Queue[dict[str, Any] | _Exited]) -> None:

@@ -4,7 +4,7 @@ Parse, build, train, close. Every setting lives in the recipe; the flags only sa
 to use, so that a supervisor can restart the same command after a crash (with ``--resume``).
 Exit codes come from :mod:`protocol.exit_codes` (0 done, 3 bad input, 4 not found, 7 wrong
 state, 8 digest mismatch, 130 stopped by SIGTERM after a checkpoint, 1 anything unexpected);
-progress goes out as JSON lines (see :class:`~site_agent.training.trainer.ProgressLog`),
+progress goes out as JSON lines (see :class:`~site_agent.training.progress_log.ProgressLog`),
 human-readable errors to standard error.
 
 Under torchrun every rank runs this entry point. torchrun exits 1 whatever failed, so a rank
@@ -59,13 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported after parsing so that --help and usage errors answer without loading torch.
     from protocol.recipe import load_recipe
-    from site_agent.training.data import load_shard_manifest
-    from site_agent.training.trainer import (
-        ProgressLog,
-        TrainingJob,
-        TrainingStopped,
-        run_training,
-    )
+    from protocol.shard_manifest import load_shard_manifest
+    from site_agent.training.progress_log import ProgressLog
+    from site_agent.training.trainer import TrainingJob, TrainingStopped, run_training
 
     progress = ProgressLog.open(args.progress)
     try:

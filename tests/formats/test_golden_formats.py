@@ -1,5 +1,5 @@
-"""Golden files for the formats in the middle of the pipeline: shard manifests, the recipe
-description and a site's assignment, as atoll wrote them before they were typed (main
+"""Golden files for the formats in the middle of the pipeline: partition plans, shard
+manifests, the recipe description and a site's assignment, as atoll wrote them before they were typed (main
 ef2eb11, ``golden/v0.1``). They must keep loading, and today's writers must give the same
 bytes and digests: sites have signed these digests into their experts' provenance."""
 
@@ -19,6 +19,7 @@ from protocol.assignment import (
 )
 from protocol.canonical import canonical_digest
 from protocol.errors import InvalidArgument, NotFound
+from protocol.partition_plan import PartitionPlan, PlanContent, load_plan, plan_bytes
 from protocol.recipe_description import parse_recipe_description
 from protocol.shard_manifest import (
     load_shard_manifest,
@@ -171,3 +172,62 @@ def test_canonical_digest_is_the_digest_of_the_documents_json() -> None:
     saved = load_site_assignment(GOLDEN / "assignment.json")
     raw = json.loads((GOLDEN / "assignment.json").read_text())["assignment"]
     assert canonical_digest(raw) == saved.assignment.digest()
+
+
+@pytest.mark.parametrize("folder", PLANS, ids=lambda p: p.name)
+def test_plans_load_and_are_written_byte_for_byte(folder: Path) -> None:
+    plan = load_plan(folder)
+    assert plan_bytes(plan) == (folder / "plan.json").read_bytes()
+    content = PlanContent.model_validate(
+        {k: v for k, v in plan.to_json().items() if k not in ("files", "digest")}
+    )
+    assert PartitionPlan.seal(content, plan.files) == plan  # the same digest, recomputed
+    assert [row.expert for row in plan.clusters] == [0, 1]
+    assert sum(row.samples for row in plan.clusters) == sum(
+        1 for expert in plan.sample_experts if expert >= 0
+    )
+
+
+def test_golden_plans_hold_what_the_partition_wrote() -> None:
+    llava = load_plan(GOLDEN)
+    assert llava.encoder is not None and llava.encoder["model"] == "atoll-tiny-clip"
+    assert llava.center is not None and llava.center.images == 5  # the pair is one unit
+    assert llava.tokenizer is None and llava.features is None
+    internvl = load_plan(GOLDEN / "internvl")
+    assert internvl.tokenizer is not None and internvl.features is not None
+    assert all(row.tokens is not None for row in internvl.clusters)
+    assert internvl.algorithm["name"] == "two-stage"
+    text = load_plan(GOLDEN / "text-only")
+    assert (
+        text.encoder is None and text.center is None and "centroids.safetensors" not in text.files
+    )
+
+
+def test_bad_plan_names_file_and_field(tmp_path: Path) -> None:
+    good = json.loads((GOLDEN / "plan.json").read_text())
+    with pytest.raises(NotFound, match=r"partition plan .*: no such file"):
+        load_plan(tmp_path / "plan.json")
+    path = _write(tmp_path, "plan.json", {**good, "digest": "0" * 64})
+    with pytest.raises(InvalidArgument, match=r"plan\.json: digest: expected 76fd8e14"):
+        load_plan(path)
+    clusters = [good["clusters"][0], {**good["clusters"][1], "samples": "many"}]
+    path = _write(tmp_path, "plan.json", {**good, "clusters": clusters})
+    with pytest.raises(InvalidArgument, match=r"clusters\.1\.samples: expected a non-negative"):
+        load_plan(path)
+    path = _write(tmp_path, "plan.json", {**good, "clusters": good["clusters"][:1]})
+    with pytest.raises(InvalidArgument, match=r"clusters: expected one row per expert 0\.\.1"):
+        load_plan(path)
+    experts = [*good["sample_experts"][:-1], 2]
+    path = _write(tmp_path, "plan.json", {**good, "sample_experts": experts})
+    with pytest.raises(InvalidArgument, match=r"sample_experts: expected experts -1\.\.1, got 2"):
+        load_plan(path)
+    files = {k: v for k, v in good["files"].items() if k != "expert-1.json"}
+    path = _write(tmp_path, "plan.json", {**good, "files": files})
+    with pytest.raises(InvalidArgument, match=r"files: .*missing \['expert-1\.json'\]"):
+        load_plan(path)
+    path = _write(tmp_path, "plan.json", {**good, "format": "atoll-partition-plan/2"})
+    with pytest.raises(InvalidArgument, match=r"format: Input should be 'atoll-partition-plan/1'"):
+        load_plan(path)
+    path = _write(tmp_path, "plan.json", {**good, "dataset": {**good["dataset"], "sha": "x"}})
+    with pytest.raises(InvalidArgument, match=r"dataset\.sha: unknown key"):
+        load_plan(path)

@@ -14,9 +14,8 @@ import torch
 
 from protocol.errors import InvalidArgument, NotFound, VerificationFailed
 from protocol.recipe import Architecture, DataSettings, ModelSettings
+from site_agent.training.conversation import IGNORE_INDEX, ConversationEncoder
 from site_agent.training.data import (
-    IGNORE_INDEX,
-    ConversationEncoder,
     build_dataset,
     collate,
     load_shard_manifest,

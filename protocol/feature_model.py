@@ -68,6 +68,10 @@ __all__ = [
 ]
 
 
+# The files that hold a CLIP tokenizer's vocabulary (a fast tokenizer, or a slow one's BPE).
+_HF_VOCABULARY_FILES = ("tokenizer.json", "vocab.json")
+
+
 @dataclass(frozen=True)
 class EncodeFailure:
     """An image that could not be decoded."""
@@ -385,10 +389,15 @@ def _hf_clip(
         processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise InvalidArgument(f"{label} does not load as a CLIPModel ({error})") from None
-    try:
-        tokenizer: Any = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError):
-        tokenizer = None  # an image-only folder: clip-text is unavailable, not an error
+    # An image-only folder: clip-text is unavailable, not an error. transformers would build an
+    # empty CLIPTokenizer from config.json alone (every word unknown, every text one feature),
+    # so only a folder with a vocabulary has a text tower.
+    tokenizer: Any = None
+    if any((folder / name).is_file() for name in _HF_VOCABULARY_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None
     identity["image_size"] = int(model.config.vision_config.image_size)
     identity["dim"] = int(model.config.projection_dim)
 

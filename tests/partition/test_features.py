@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from coordinator.partition.features import FeatureCache, load_features_file
+from protocol.ensemble_manifest import EncoderSpec
 from protocol.errors import InvalidArgument, NotFound
-from protocol.feature_model import TINY_MODEL, load_encoder
+from protocol.feature_model import TINY_MODEL, load_encoder, load_feature_model
 
 from .builders import make_images
 
@@ -43,7 +47,7 @@ def test_encoder_spec_errors(tmp_path: Path) -> None:
 
 
 def test_hugging_face_clip_from_a_local_folder(tmp_path: Path) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     config = CLIPConfig(
         text_config={
@@ -52,6 +56,10 @@ def test_hugging_face_clip_from_a_local_folder(tmp_path: Path) -> None:
             "num_hidden_layers": 1,
             "num_attention_heads": 2,
             "vocab_size": 64,
+            # The tokenizer below: CLIP pools the text at its end-of-text token.
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
         },
         vision_config={
             "hidden_size": 16,
@@ -73,6 +81,30 @@ def test_hugging_face_clip_from_a_local_folder(tmp_path: Path) -> None:
     assert features.shape == (3, 12) and not failures
     assert np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-5)
     assert encoder.identity["backend"] == "hf" and encoder.identity["dim"] == 12
+    # The router loads the same folder from an ensemble's manifest and sees the same features.
+    spec = EncoderSpec(
+        backend="hf",
+        model="clip",
+        directory="clip",
+        dim=12,
+        image_size=32,
+        identity=encoder.identity,
+    )
+    router_model = load_feature_model(spec, tmp_path, device="cpu")
+    images = [Image.open(tmp_path / "data" / n) for n in names]
+    np.testing.assert_array_equal(router_model.encode_images(images).numpy(), features)
+    assert router_model.clip is not None  # the runtime may share this tower with LLaVA
+    with pytest.raises(InvalidArgument, match="has no text tower"):
+        router_model.encode_texts(["no tokenizer was saved"])
+    # With a vocabulary saved beside it, the folder has a text tower (the clip-text strategy).
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")).save_pretrained(
+        tmp_path / "clip"
+    )
+    texts = load_feature_model(spec, tmp_path, device="cpu").encode_texts(["a", "b"])
+    assert texts.shape == (2, 12) and not torch.allclose(texts[0], texts[1])
 
 
 def test_feature_cache_round_trip(tmp_path: Path) -> None:

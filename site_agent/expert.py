@@ -33,16 +33,25 @@ from site_agent.workdir import Workdir
 
 @dataclass(frozen=True)
 class ExpertInputs:
-    """The verified local files one expert trains from."""
+    """The verified local files one expert trains from, with the assignment naming them."""
 
-    expert_index: int
-    assignment_digest: str
+    assignment: SiteAssignment
     recipe: Path
     recipe_sha256: str
     shard: Path
     shard_sha256: str
     base_model: Path
     base_model_digest: str
+
+    @property
+    def expert_index(self) -> int:
+        """The expert k this site trains."""
+        return self.assignment.expert_index
+
+    @property
+    def assignment_digest(self) -> str:
+        """The digest of the assignment, which the provenance cites."""
+        return self.assignment.assignment_digest
 
 
 def resolve_inputs(
@@ -96,8 +105,7 @@ def resolve_inputs(
             "(a different checkpoint than the federation's)"
         )
     return ExpertInputs(
-        expert_index=assignment.expert_index,
-        assignment_digest=assignment.assignment_digest,
+        assignment=assignment,
         recipe=recipe,
         recipe_sha256=recipe_sha256,
         shard=shard,

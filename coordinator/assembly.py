@@ -136,7 +136,7 @@ def _read_plan(state: StateDir, store: Store) -> PartitionPlan:
     try:
         plan = load_plan(path)
     except AtollError as error:
-        raise FailedPrecondition(f"unreadable partition plan: {error}") from None
+        raise FailedPrecondition(f"{error} (re-run `coordinator partition`)") from None
     if plan.digest != record.digest:
         raise FailedPrecondition(
             f"{path}: digest {plan.digest[:12]}.. is not the recorded plan "

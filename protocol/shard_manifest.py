@@ -28,9 +28,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import PrivateAttr
+from pydantic import PlainValidator, PrivateAttr
 
 from protocol.digests import check_sha256_hex
 from protocol.errors import InvalidArgument
@@ -73,6 +73,17 @@ def shard_artifact_name(expert: int) -> str:
     return PARTITION_PREFIX + shard_file_name(expert)
 
 
+def _sample_records(value: Any) -> list[dict[str, Any]]:
+    # Checked, not copied: a shard holds up to hundreds of thousands of records, and
+    # pydantic's copy of each would cost more than reading the file.
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of sample objects, got {type(value).__name__}")
+    for index, sample in enumerate(value):
+        if not isinstance(sample, dict):
+            raise ValueError(f"samples[{index}]: expected an object, got {type(sample).__name__}")
+    return value
+
+
 class ShardManifest(StrictFormat):
     """An expert's shard, as ``coordinator partition`` writes it and every side reads it.
 
@@ -95,7 +106,7 @@ class ShardManifest(StrictFormat):
     dataset_samples: NonNegativeInt | None = None
     dataset_format: Literal["llava", "internvl"] | None = None
     datasets: dict[str, dict[str, Any]] | None = None
-    samples: list[dict[str, Any]]
+    samples: Annotated[list[dict[str, Any]], PlainValidator(_sample_records)]
     _path: Path = PrivateAttr(default=Path("expert.json"))
     _sha256: str = PrivateAttr(default="")
 

@@ -198,27 +198,17 @@ class CallGuard(grpc.ServerInterceptor):
         if handler is None or not method.startswith(GUARDED_PREFIX):
             return handler
         name = method.rpartition("/")[2]
-        if handler.unary_unary is not None:
-            unary: Handler = handler.unary_unary
+        inner: Handler | None = handler.unary_unary or handler.stream_unary
+        if inner is not None:
+            # A unary request arrives through the same request stream, so both become stream-unary
+            single = handler.unary_unary is not None
 
-            def wrap_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            def wrap(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
                 call = self._admit(name, context)
-                return unary(call.one(requests), context)
+                return inner(call.one(requests) if single else call.each(requests), context)
 
             return grpc.stream_unary_rpc_method_handler(
-                wrap_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            streaming: Handler = handler.stream_unary
-
-            def wrap_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                call = self._admit(name, context)
-                return streaming(call.each(requests), context)
-
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_stream,
+                wrap,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

@@ -113,7 +113,8 @@ class RunningBatch:
         self.ensemble = ensemble
         self.device = ensemble.device
         self.rows: list[Row] = []
-        # Per layer, keys and values of every row: (rows, heads, length, head_dim).
+        # Per layer, keys and values of every row: (rows, heads, length, head_dim); between
+        # changes of the rows they live in the model calls' caches (_calls) instead.
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self._positions = torch.zeros((0, 1), dtype=torch.long, device=self.device)
@@ -146,7 +147,7 @@ class RunningBatch:
         for i, route in enumerate(routes):
             assert route is not None and len(route[0]) == 1, "runs_here admits top-1 only"
             chosen.append((route[0][0], route[1][0], i))
-        chosen.sort()
+        chosen.sort(key=lambda c: (c[0], c[2]))  # grouped by expert, as generate groups them
         order = [i for _, _, i in chosen]
         units = ensemble.experts.units(
             [e for e, _, _ in chosen], [pictures[i] is not None for i in order]

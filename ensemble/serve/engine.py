@@ -3,14 +3,15 @@
 One worker thread owns the ensemble. A request waits in a bounded queue. Top-1 requests (the
 paper's setting: routed by their image) decode in one :class:`~ensemble.running_batch.RunningBatch`
 (continuous batching): requests that arrive while it generates join it at the next decoding
-step, and a request that is done (end of sequence, its own ``max_tokens``, its client gone,
-or timed out) leaves it at once, freeing its slot. Arrivals are gathered like a batch
-before they join -- until no request arrived for ``window_s``, ``8 * window_s`` after the
-first, or once they fill the free slots -- so that each join is one prefill call, not one per
-request; while nothing decodes the worker waits for that window as before.
+step, and a request that is done (end of sequence, its own ``max_tokens``, its client gone
+or timed out) leaves it at once, freeing its slot. Whatever arrived during a step joins
+with one prefill call; while nothing decodes, the worker gathers arrivals into a batch
+first -- until no request arrived for ``window_s``, ``8 * window_s`` after the first, or
+they fill the free slots.
 
 Other requests (top-k > 1 mixtures, the posterior router for text-only prompts, settings the
-runtime refuses) are gathered the same way, grouped by what one ``generate_tokens`` call must
+runtime refuses) are gathered for that window even while a batch decodes (their call stops
+it while it runs), grouped by what one ``generate_tokens`` call must
 share (top-k, sampling settings) and run as whole calls between two decoding steps, whose
 ``batch_size`` lets :mod:`ensemble.scheduling` split them into calls of one expert. Their
 tokens reach their handlers as they are chosen through the runtime's ``watch`` hook.
@@ -175,6 +176,9 @@ class Engine:
         whole = [job for job in live if job not in joining]
         free = max(0, self._free())
         joining, later = joining[:free], joining[free:]
+        if self.running.live and not gathering.closed(self.window_s, self.max_batch, False):
+            # A whole call stops the running batch while it runs: gather for it first.
+            later, whole = later + whole, []
         gathering.restart(later)
         if not joining and not whole:
             return
@@ -336,15 +340,12 @@ class _Gathering:
         return min(self.arrived + window_s, self.opened + 8 * window_s)
 
     def closed(self, window_s: float, free: int, decoding: bool) -> bool:
-        """Whether to admit the jobs now: they fill the free slots, or the window closed.
-        While a batch decodes, a pause in arrivals does not close it early: waiting costs
-        the running rows nothing, and each join is a prefill call of its own."""
-        if len(self.jobs) >= max(1, free):
-            return True
-        if decoding:
-            return time.monotonic() >= self.opened + 8 * window_s
-        return time.monotonic() >= self.closing(window_s)
+        """Whether to admit the jobs now: a batch is decoding (they join it at this step),
+        they fill the free slots, or the window closed."""
+        return (
+            decoding or len(self.jobs) >= max(1, free) or time.monotonic() >= self.closing(window_s)
+        )
 
     def restart(self, jobs: list[Job]) -> None:
-        """Keeps ``jobs`` (no free slot yet), now the oldest waiting."""
+        """Keeps ``jobs`` waiting (no free slot yet, or a whole call still gathering)."""
         self.jobs = list(jobs)

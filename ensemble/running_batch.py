@@ -5,9 +5,9 @@ the running batch at the next decoding step instead of waiting for the whole bat
 and lets finished ones leave, freeing their rows. It owns the decoding loop that
 ``generate`` would otherwise hide:
 
-* **joining** (:meth:`RunningBatch.join`): the new prompts are encoded, routed (top-1) and
-  prefilled together, each through its expert, as :meth:`RoutedEnsemble.generate_tokens`
-  does; their KV caches are then merged into the running batch's. Rows of different
+* **joining** (:meth:`RunningBatch.join`): the new prompts are encoded and routed (top-1)
+  together, and prefilled one expert's rows per call; their KV caches are then merged into
+  the running batch's. Rows of different
   lengths are left-padded to one length: the padding's attention mask is 0 and every row
   keeps its own position ids, so a row attends to exactly its own tokens wherever it sits.
 * **stepping** (:meth:`RunningBatch.step`): every live row feeds its last token, in as few
@@ -39,6 +39,7 @@ from ensemble.decoding import ExpertState
 from ensemble.encoded_batch import EncodedBatch
 from ensemble.expert_pool import Unit
 from ensemble.runtime import RoutedEnsemble
+from ensemble.stacked_experts import runs
 from protocol.ensemble_manifest import TextOnlyStrategy
 
 __all__ = ["Joining", "Row", "RunningBatch", "Unsupported", "runs_here"]
@@ -149,7 +150,7 @@ class RunningBatch:
             chosen.append((route[0][0], route[1][0], i))
         chosen.sort(key=lambda c: (c[0], c[2]))  # grouped by expert, as generate groups them
         order = [i for _, _, i in chosen]
-        units = ensemble.experts.units(
+        units = self._prefill_units(
             [e for e, _, _ in chosen], [pictures[i] is not None for i in order]
         )
         parts: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]] = []
@@ -172,6 +173,18 @@ class RunningBatch:
         self._regroup()
         by_input = {i: row for (_, _, i), row in zip(chosen, new_rows, strict=True)}
         return [by_input[i] for i in range(len(joining))]
+
+    def _prefill_units(self, experts: list[int], images: list[bool]) -> list[Unit]:
+        """One expert's rows per prefill call: a prefill is arithmetic, and a call shared by
+        stacked experts pads their unequal runs of rows to one length (decoding steps, bound
+        by per-call overhead, share one call instead)."""
+        units = []
+        for _, start, end in runs(experts):
+            for unit in self.ensemble.experts.units(experts[start:end], images[start:end]):
+                unit.start += start
+                unit.end += start
+                units.append(unit)
+        return units
 
     # -- decoding -----------------------------------------------------------------------------
 

@@ -306,3 +306,45 @@ def test_a_client_leaving_mid_stream_frees_its_slot_in_the_running_batch(
     assert gate.joined_into == [0, 1, 1]
     assert answers["late"] == _alone(ensemble, late, "blue-circle", 2).texts[0]
     assert answers["long"] == _alone(ensemble, long, "red-square", 1).texts[0]
+
+
+def test_mixtures_arriving_while_a_batch_decodes_answer_as_alone(
+    ensemble: RoutedEnsemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(ensemble, monkeypatch, step_s=0.02)
+    gate.opened.set()
+    top1 = _body("red-square", 1, max_tokens=24)
+    mixed = [
+        _body("blue-circle", 2, max_tokens=8, top_k=2),
+        _body("red-square", 3, max_tokens=8, top_k=2, temperature=0.8, top_p=0.9, seed=5),
+    ]
+    answers: dict[int, str] = {}
+    with running(ensemble, window_s=0.05, max_batch=4) as (url, engine):
+
+        def send(i: int, body: dict[str, Any]) -> None:
+            reply = httpx.post(url, json=body, timeout=60).json()
+            answers[i] = reply["choices"][0]["message"]["content"]
+
+        first = threading.Thread(target=send, args=(0, top1))
+        first.start()
+        _wait_for(lambda: gate.steps >= 3)
+        later = [threading.Thread(target=send, args=(i + 1, b)) for i, b in enumerate(mixed)]
+        for thread in later:
+            thread.start()
+        for thread in [first, *later]:
+            thread.join()
+        assert engine.joins == [1]  # the mixtures ran as whole calls beside the batch
+    assert answers[0] == _alone(ensemble, top1, "red-square", 1).texts[0]
+    for i, (kind, variant) in enumerate([("blue-circle", 2), ("red-square", 3)]):
+        body = mixed[i]
+        alone = ensemble.generate_tokens(
+            [picture(kind, variant)],
+            ["What is in the picture?"],
+            body["max_tokens"],
+            top_k=2,
+            do_sample=body["temperature"] > 0,
+            temperature=body["temperature"] or 1.0,
+            top_p=body.get("top_p", 1.0),
+            seed=body.get("seed"),
+        )
+        assert answers[i + 1] == alone.texts[0], i

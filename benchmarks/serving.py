@@ -6,8 +6,8 @@ Builds a K-expert ensemble of tiny LLaVA experts (the test suite's builder,
 ``--new-tokens`` each) two ways:
 
 * offline (the anchor): one ``RoutedEnsemble.generate(images, prompts, batch_size=B)``;
-* served: a real ``atoll serve`` process on loopback (``--max-batch 32 --batch-size B``, its
-  short batching window) answering ``--clients`` concurrent clients (default 1, 8 and 32),
+* served: a real ``atoll serve`` process on loopback (``--max-batch 32 --batch-size B``,
+  continuous batching) answering ``--clients`` concurrent clients (default 1, 8 and 32),
   each sending its share of the prompts one after another as OpenAI chat requests with the
   image as a data URL.
 

@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-queue", type=int, default=64, help="requests in flight before answering 429"
     )
-    parser.add_argument("--max-batch", type=int, default=32, help="most requests in one batch")
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="most requests decoding at once (one batch)"
+    )
     parser.add_argument(
         "--batch-size", type=int, help="rows per model call (default: the whole batch)"
     )
@@ -66,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-window-ms",
         type=float,
         default=10.0,
-        help="close a batch after this long without a new request (8 windows at most)",
+        help="an idle server gathers its first batch until this long passes without a new "
+        "request (8 windows at most); later ones join the running batch at the next step",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     parser.add_argument(

@@ -39,6 +39,7 @@ from ensemble.decoding import ExpertState
 from ensemble.encoded_batch import EncodedBatch
 from ensemble.expert_pool import Unit
 from ensemble.runtime import RoutedEnsemble
+from ensemble.sampling import Sampling
 from ensemble.stacked_experts import runs
 from protocol.ensemble_manifest import TextOnlyStrategy
 
@@ -264,12 +265,7 @@ class RunningBatch:
         self._gather()
         keep = [i for i, row in enumerate(self.rows) if row.live]
         if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self.rows = [self.rows[i] for i in keep]
-            self._layers = [(k[index], v[index]) for k, v in self._layers]
-            self._mask = self._mask[index]
-            self._positions = self._positions[index]
-            self._logits = self._logits[index]
+            self._select(keep)
         if not self.rows:
             self.clear()
             return
@@ -279,6 +275,15 @@ class RunningBatch:
             self._layers = [(k[..., first:, :], v[..., first:, :]) for k, v in self._layers]
         if regroup:
             self._regroup()
+
+    def _select(self, rows: list[int]) -> None:
+        """Keeps ``rows`` (of the gathered rows), in that order, with their caches."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in rows]
+        self._layers = [(k[index], v[index]) for k, v in self._layers]
+        self._mask = self._mask[index]
+        self._positions = self._positions[index]
+        self._logits = self._logits[index]
 
     def _merge(
         self,
@@ -311,12 +316,7 @@ class RunningBatch:
             return
         order = sorted(range(len(self.rows)), key=lambda i: self.rows[i].expert)
         if order != list(range(len(self.rows))):
-            index = torch.tensor(order, dtype=torch.long, device=self.device)
-            self.rows = [self.rows[i] for i in order]
-            self._layers = [(k[index], v[index]) for k, v in self._layers]
-            self._mask = self._mask[index]
-            self._positions = self._positions[index]
-            self._logits = self._logits[index]
+            self._select(order)
         from transformers import DynamicCache
 
         units = self.ensemble.experts.units([r.expert for r in self.rows], [False] * len(self.rows))
@@ -362,13 +362,9 @@ def _sampler(joining: Joining, device: torch.device) -> _Sampler | None:
         warpers.append(TemperatureLogitsWarper(joining.temperature))
     if joining.top_p < 1.0:
         warpers.append(TopPLogitsWarper(joining.top_p))
-    generator = torch.Generator(device=device)
-    if joining.seed is not None:
-        # The seed generate's top-1 path uses for a prompt alone (call 0, row 0).
-        generator.manual_seed(joining.seed)
-    else:
-        generator.seed()
-    return _Sampler(warpers, generator)
+    sampling = Sampling(True, joining.temperature, joining.seed, joining.top_p)
+    # The generator generate's top-1 path draws from for a prompt alone: its call 0.
+    return _Sampler(warpers, sampling.generator(device, call=0))
 
 
 def _pad_left(states: torch.Tensor, length: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ensemble.decoding import end_tokens
 from ensemble.running_batch import RunningBatch, Unsupported, runs_here
 from ensemble.runtime import RoutedEnsemble
 from ensemble.scheduling import slices
@@ -87,8 +88,7 @@ class Engine:
         self.running = RunningBatch(ensemble)
         self._lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        eos = ensemble.tokenizer.eos_token_id
-        self._eos = {int(eos)} if eos is not None else set()
+        self._eos = end_tokens(ensemble.tokenizer)
         self._thread = threading.Thread(target=self._work, name="atoll-engine", daemon=True)
 
     def start(self) -> None:

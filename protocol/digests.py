@@ -43,9 +43,14 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def file_digest(path: Path) -> FileDigest:
+    """Size and sha256 of one file."""
+    return FileDigest(sha256=file_sha256(path), size=path.stat().st_size)
+
+
 def file_entry(path: Path) -> dict[str, str | int]:
     """``{"sha256", "size"}`` of one file: an entry of ``atoll_ensemble.json``'s file lists."""
-    return {"sha256": file_sha256(path), "size": path.stat().st_size}
+    return file_digest(path).entry()
 
 
 def copy_and_hash(source: Path, destination: Path) -> FileDigest:
@@ -133,16 +138,12 @@ def hash_folder(
     workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         hashed = dict(
-            zip([r for r, _ in todo], pool.map(_digest, [p for _, p in todo]), strict=True)
+            zip([r for r, _ in todo], pool.map(file_digest, [p for _, p in todo]), strict=True)
         )
     for relative, path in paths:
         if relative in known:
             hashed[relative] = FileDigest(sha256=known[relative], size=path.stat().st_size)
     return {relative: hashed[relative] for relative, _ in paths}
-
-
-def _digest(path: Path) -> FileDigest:
-    return FileDigest(sha256=file_sha256(path), size=path.stat().st_size)
 
 
 def folder_digests(

@@ -15,21 +15,20 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from protocol.errors import InvalidArgument, VerificationFailed
+from protocol.validation import Sha256Hex, StrictFormat
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 COPY_BLOCK = 1 << 20
 
 
-class FileDigest(BaseModel):
+class FileDigest(StrictFormat):
     """Size and sha256 of one file (also an entry of ``atoll_ensemble.json``'s file lists,
     hence strict: unknown keys are errors)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: Sha256Hex
     size: int = Field(ge=0)
 
     def entry(self) -> dict[str, str | int]:
